@@ -34,7 +34,9 @@ def _params_from_range(
         xmax = torch.where(same, xmax + 1, xmax)
         scale = (xmax - xmin) / maxq
         zero = torch.clamp(torch.round(-xmin / scale), min_zero, maxq)
-    return scale, zero
+    # Checkpoints store scales in fp16. Rounding here makes the codes, the error feedback and the saved
+    # file agree exactly on the weights they represent.
+    return scale.half().float(), zero
 
 
 def choose_qparams(
