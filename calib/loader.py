@@ -1,0 +1,274 @@
+"""Calibration samples and evaluation text from a spec.
+
+``load_calibration`` reads each source of a spec (see :mod:`gptqlab.calib.spec`), tokenizes it once and
+draws non-overlapping windows of ``seqlen`` tokens from it, as many as the source's weight asks for. The
+result is a :class:`CalibSet`: the token tensor plus per-source statistics for reports. Everything is
+deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from gptqlab.calib.readers import source_paragraphs
+from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
+from gptqlab.calib.spec import SourceSpec, kind_from_extension, parse_hf_ref, parse_spec
+
+from gptqlab.errors import CalibrationError
+
+# Upper bound on the characters tokenized in one piece. Pieces keep memory per call bounded and let a fast
+# tokenizer encode them in parallel; a tokenizer's model_max_length can make them smaller.
+CHUNK_CHARS = 16_384
+# A byte-level tokenizer without Chinese merges spends up to 3 tokens (the UTF-8 bytes) on one Chinese
+# character, so a piece of model_max_length // 4 characters stays under the limit.
+MAX_TOKENS_PER_CHAR = 4
+EVAL_BUILTINS = {f"{name}-heldout": name for name in BUILTIN_SOURCES}
+EVAL_HF_DEFAULT_SPLIT = "test"
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """What one source contributed: ``samples`` windows, drawn from ``tokens`` tokens of its text.
+
+    ``characters`` and ``tokens`` measure the whole tokenized text (paragraphs joined by "\\n"), not only
+    the windows drawn from it.
+    """
+
+    source: SourceSpec
+    samples: int
+    paragraphs: int
+    characters: int
+    tokens: int
+
+    @property
+    def tokens_per_char(self) -> float:
+        """Tokens per character of the source text; lower means a vocabulary that covers Chinese better."""
+        return self.tokens / self.characters
+
+
+@dataclass(frozen=True)
+class CalibSet:
+    """Calibration samples drawn from a spec.
+
+    input_ids: int64 [nsamples, seqlen], rows in a seeded random order, no special tokens.
+    source_index: int64 [nsamples]; row i was drawn from ``sources[source_index[i]]``.
+    sources: per-source statistics, in spec order.
+    spec, seed: the arguments that produced the set.
+    """
+
+    input_ids: torch.Tensor
+    source_index: torch.Tensor
+    sources: tuple[SourceStats, ...]
+    spec: str
+    seed: int
+
+    @property
+    def nsamples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def tokens_per_char(self) -> float:
+        """Tokens per character over the text of all sources."""
+        return sum(s.tokens for s in self.sources) / sum(s.characters for s in self.sources)
+
+    def description(self) -> dict[str, Any]:
+        """A JSON-ready dict for reports: the arguments, per-source statistics and totals."""
+        return {
+            "spec": self.spec,
+            "seed": self.seed,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "tokens_sampled": self.nsamples * self.seqlen,
+            "characters": sum(s.characters for s in self.sources),
+            "tokens": sum(s.tokens for s in self.sources),
+            "tokens_per_char": self.tokens_per_char,
+            "sources": [
+                {
+                    "name": s.source.kind,
+                    "path": s.source.path,
+                    "split": s.source.split,
+                    "column": s.source.column,
+                    "weight": s.source.weight,
+                    "samples": s.samples,
+                    "paragraphs": s.paragraphs,
+                    "characters": s.characters,
+                    "tokens": s.tokens,
+                    "tokens_per_char": s.tokens_per_char,
+                }
+                for s in self.sources
+            ],
+        }
+
+    def summary(self) -> str:
+        """A short table: samples, tokens, characters and tokens/char per source, then the totals."""
+        rows = [
+            (s.source.label, f"{s.source.weight:.2f}", s.samples, s.tokens, s.characters, s.tokens_per_char)
+            for s in self.sources
+        ]
+        total_tokens = sum(s.tokens for s in self.sources)
+        total_chars = sum(s.characters for s in self.sources)
+        rows.append(("total", "1.00", self.nsamples, total_tokens, total_chars, self.tokens_per_char))
+        width = max(len("source"), *(len(r[0]) for r in rows))
+        lines = [
+            f"calibration: {self.nsamples} samples x {self.seqlen} tokens, seed {self.seed}",
+            f"{'source':<{width}}  weight  samples  {'tokens':>11}  {'characters':>11}  tokens/char",
+        ]
+        for label, weight, samples, tokens, chars, ratio in rows:
+            lines.append(f"{label:<{width}}  {weight:>6}  {samples:>7}  {tokens:>11,}  {chars:>11,}  {ratio:>11.3f}")
+        return "\n".join(lines)
+
+
+def allocate_samples(weights: Sequence[float], nsamples: int) -> list[int]:
+    """Split ``nsamples`` among sources in proportion to ``weights`` by largest-remainder rounding.
+
+    When ``nsamples >= len(weights)`` every source gets at least one sample, taken from the source that
+    rounding favoured most. Ties go to the earlier source. Returns counts that sum to ``nsamples``.
+    """
+    total = sum(weights)
+    quotas = [w / total * nsamples for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (counts[i] - quotas[i], i))
+    for i in by_remainder[: nsamples - sum(counts)]:
+        counts[i] += 1
+    if nsamples >= len(counts):
+        for i in range(len(counts)):
+            if counts[i] == 0:
+                # A donor with 2 or more exists: the counts sum to nsamples >= sources and one is 0.
+                donor = max((j for j in range(len(counts)) if counts[j] > 1), key=lambda j: (counts[j] - quotas[j], -j))
+                counts[donor] -= 1
+                counts[i] = 1
+    return counts
+
+
+def _generator(seed: int, stream: str) -> torch.Generator:
+    """A generator for one named random stream of ``seed``.
+
+    Hashing keeps streams independent: with seed + index, source 1 at seed 0 would repeat source 0 at seed 1.
+    """
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _chunk_chars(tokenizer: Any) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (int(1e30)); those use CHUNK_CHARS.
+    if isinstance(limit, int) and 0 < limit < CHUNK_CHARS * MAX_TOKENS_PER_CHAR:
+        return max(1, limit // MAX_TOKENS_PER_CHAR)
+    return CHUNK_CHARS
+
+
+def tokenize_paragraphs(tokenizer: Any, paragraphs: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """Token ids of ``"\\n".join(paragraphs)`` without special tokens, and the number of characters.
+
+    tokenizer: a Hugging Face tokenizer (called as ``tokenizer(list_of_str, add_special_tokens=False)``).
+    The text is cut between paragraphs into pieces of at most :func:`_chunk_chars` characters (one long
+    paragraph may exceed it), each piece but the last keeping its trailing "\\n". Returns int64 [T] and the
+    number of characters tokenized.
+    """
+    budget = _chunk_chars(tokenizer)
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for paragraph in paragraphs:
+        if current and size + len(paragraph) > budget:
+            pieces.append("\n".join(current) + "\n")
+            current, size = [], 0
+        current.append(paragraph)
+        size += len(paragraph) + 1
+    pieces.append("\n".join(current))
+    # verbose=False: a single paragraph longer than model_max_length is fine here, since windows are cut later.
+    encoded = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long)
+    return ids, sum(len(p) for p in pieces)
+
+
+def draw_windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` non-overlapping windows of ``seqlen`` tokens from ``ids`` (int64 [T]) → int64 [count, seqlen].
+
+    The stream is cut into consecutive windows from a random offset in [0, seqlen), reduced where needed so
+    that ``count`` windows still fit, and ``count`` of the windows are chosen at random. The caller checks
+    that ``count * seqlen <= T``.
+    """
+    slack = ids.numel() - count * seqlen
+    offset = int(torch.randint(min(seqlen, slack + 1), (), generator=generator))
+    nwindows = (ids.numel() - offset) // seqlen
+    windows = ids[offset : offset + nwindows * seqlen].view(nwindows, seqlen)
+    return windows[torch.randperm(nwindows, generator=generator)[:count]]
+
+
+def _check_positive(value: Any, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CalibrationError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def load_calibration(spec: str, tokenizer: Any, nsamples: int, seqlen: int, seed: int = 0) -> CalibSet:
+    """Draw ``nsamples`` windows of exactly ``seqlen`` tokens from the sources of ``spec``.
+
+    tokenizer: a Hugging Face tokenizer; no special tokens are added. Each source gets its weight's share
+    of ``nsamples`` (:func:`allocate_samples`) and its windows never overlap each other. Returns a
+    :class:`CalibSet` whose ``input_ids`` is int64 [nsamples, seqlen]. Raises CalibrationError for a bad
+    spec or file, and for a source with too few tokens for its share.
+    """
+    _check_positive(nsamples, "--nsamples")
+    _check_positive(seqlen, "--seqlen")
+    sources = parse_spec(spec)
+    counts = allocate_samples([s.weight for s in sources], nsamples)
+    stats, samples = [], []
+    for index, (source, count) in enumerate(zip(sources, counts, strict=True)):
+        paragraphs = source_paragraphs(source)
+        ids, characters = tokenize_paragraphs(tokenizer, paragraphs)
+        if count * seqlen > ids.numel():
+            raise CalibrationError(
+                f"calibration source {source.label!r} has {ids.numel()} tokens ({characters} characters), but its "
+                f"{count} samples x seqlen {seqlen} need {count * seqlen}; lower --nsamples or --seqlen, "
+                "or add text to the source"
+            )
+        samples.append(draw_windows(ids, count, seqlen, _generator(seed, f"source{index}")))  # [count, seqlen]
+        stats.append(SourceStats(source, count, len(paragraphs), characters, ids.numel()))
+    input_ids = torch.cat(samples)  # [nsamples, seqlen]
+    source_index = torch.repeat_interleave(torch.arange(len(sources)), torch.tensor(counts))  # [nsamples]
+    order = torch.randperm(nsamples, generator=_generator(seed, "order"))
+    return CalibSet(input_ids[order], source_index[order], tuple(stats), spec, seed)
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """'org/dataset', possibly followed by @CONFIG, #COLUMN or :SPLIT."""
+    head = name.split(":")[0].split("@")[0].split("#")[0]
+    parts = head.split("/")
+    return len(parts) == 2 and all(parts) and not Path(head).exists()
+
+
+def load_eval_text(name: str) -> tuple[str, str]:
+    """(display name, text) of an evaluation text; paragraphs are joined by "\\n".
+
+    name: ``peoples-daily-heldout`` or ``reviews-heldout`` (the held-out splits of the built-ins), a local
+    ``.txt`` file, a BELLE ``.json``/``.jsonl`` file, ``hf:NAME[@CONFIG][#COLUMN][:SPLIT]`` (split ``test``
+    unless given; NAME may be a directory written by ``save_to_disk``), or a Hub name ``org/name`` with
+    the same optional suffixes.
+    """
+    name = name.strip()
+    if name in EVAL_BUILTINS:
+        return name, "\n".join(builtin_texts(EVAL_BUILTINS[name], "heldout"))
+    kind = kind_from_extension(name)
+    if kind is not None:
+        source = SourceSpec(kind, name)
+    elif name.startswith("hf:") or _looks_like_hub_name(name) or Path(name).is_dir():
+        path, config, column, split = parse_hf_ref(name.removeprefix("hf:"), name)
+        source = SourceSpec("hf", path, split=split or EVAL_HF_DEFAULT_SPLIT, config=config, column=column)
+    else:
+        raise CalibrationError(
+            f"unknown evaluation text {name!r}; choose {', '.join(EVAL_BUILTINS)}, a .txt, .json or .jsonl file, "
+            "or a Hugging Face dataset hf:NAME[@CONFIG][#COLUMN][:SPLIT]"
+        )
+    return source.label if kind is None else name, "\n".join(source_paragraphs(source))
