@@ -110,8 +110,8 @@ def capture_inputs(model: nn.Module, arch: Arch, input_ids: torch.Tensor, device
             except _Captured:
                 pass
     finally:
+        model.to("cpu")  # before the blocks come back: they may hold meta parameters
         setattr(parent, attr, blocks)
-        model.to("cpu")
     kwargs.pop("past_key_values", None)
     kwargs.pop("layer_past", None)
     kwargs["use_cache"] = False
@@ -143,7 +143,7 @@ def quantize_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     weights: SafetensorsWeights | None = None,
-    on_block: Callable[[int, dict[str, QuantizedLinear]], None] | None = None,
+    on_block: Callable[[int, nn.Module, dict[str, QuantizedLinear]], None] | None = None,
     progress: bool = True,
 ) -> list[LayerReport]:
     """Quantize every decoder-block Linear of ``model`` in place, block by block.
@@ -153,7 +153,8 @@ def quantize_model(
         the model is fully loaded and each quantized Linear keeps its dequantized weight (fake-quant), so
         the returned model can be evaluated directly.
     input_ids: [nsamples, seqlen] calibration tokens.
-    on_block(i, {linear name: QuantizedLinear}): called after block i, e.g. to pack and store it.
+    on_block(i, block, {linear name: QuantizedLinear}): called after block i while its weights are still
+        loaded, e.g. to pack and store it.
     Returns one LayerReport per Linear, in block order.
     """
     if method not in METHODS:
@@ -196,7 +197,7 @@ def quantize_model(
                 )
         inputs = _run_block(block, inputs, kwargs)
         if on_block is not None:
-            on_block(i, done)
+            on_block(i, block, done)
         if weights is not None:
             release(block)
         else:

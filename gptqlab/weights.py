@@ -126,3 +126,50 @@ def release(module: nn.Module) -> None:
         for leaf, p in list(owner._parameters.items()):
             if p is not None:
                 owner._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
+class TorchBinWeights:
+    """Name → tensor access to ``pytorch_model*.bin`` files, read with ``torch.load(weights_only=True)``
+    so that nothing in the file is unpickled as code. Loads the whole state dict (no mmap)."""
+
+    def __init__(self, folder: str | Path, prefix: str = ""):
+        self.folder = Path(folder)
+        self.prefix = prefix
+        files = sorted(self.folder.glob("pytorch_model*.bin"))
+        if not files:
+            raise CheckpointError(f"{self.folder}: no .safetensors or pytorch_model*.bin weights found")
+        self._tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises several unrelated types for a bad pickle
+                raise CheckpointError(f"{f}: cannot be read safely as weights ({type(exc).__name__}: {exc})") from exc
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{f}: expected a state dict, found {type(state).__name__}")
+            self._tensors.update(state)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def _resolve(self, name: str) -> str | None:
+        for key in (name, name.removeprefix(self.prefix + "."), f"{self.prefix}.{name}"):
+            if key in self._tensors:
+                return key
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self._resolve(name)
+        if key is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        return self._tensors[key]
+
+
+def open_weights(folder: str | Path, prefix: str = "") -> SafetensorsWeights | TorchBinWeights:
+    """Safetensors when the folder has them, else ``.bin`` files through the safe loader."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return SafetensorsWeights(folder, prefix)
+    return TorchBinWeights(folder, prefix)
