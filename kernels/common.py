@@ -1,0 +1,97 @@
+"""Pieces shared by the Triton kernel families: dequantization in registers and autotuning helpers.
+
+Importing this module imports triton. ``gptqlab.kernels`` imports it only when a Triton kernel runs, so
+``import gptqlab`` works without triton installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gptqlab.kernels.layout import KERNEL_BITS, X_DTYPES, check_operands
+
+FLOAT_BIAS = tl.constexpr(8388608.0)
+"""2**23 as fp32."""
+FLOAT_BIAS_BITS = tl.constexpr(0x4B000000)
+"""The fp32 bit pattern of 2**23: the word ``FLOAT_BIAS_BITS | q`` read as fp32 is exactly 2**23 + q for
+0 <= q < 2**23."""
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET selects triton's CPU interpreter (then the kernels use one large config)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key for M: the next power of two, capped at 4096.
+
+    Keying on M itself would re-tune for every new prefill length; one tuning per power of two is enough
+    because the best tile depends on M only through how many row blocks there are.
+    """
+    return min(triton.next_power_of_2(m), 4096)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for tl.dot: "ieee" keeps fp32 activations exact (tf32 would round them to 10
+    mantissa bits); fp16 and bf16 operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tile_in_one_group(block_k: int, group_size: int, k: int) -> bool:
+    """True when no K tile of ``block_k`` rows (tiles start at multiples of ``block_k``) straddles a group.
+
+    Then each tile needs one [BLOCK_N] row of scales and zeros instead of a per-row gather.
+    """
+    return group_size % block_k == 0 or group_size >= k
+
+
+@triton.jit
+def dequantize_codes(words, shift, zero_biased, scale, BITS: tl.constexpr):
+    """fp32 weights ``scale * (q - z)`` for the ``BITS``-bit codes q at bit offset ``shift`` of ``words``.
+
+    words: int32 packed words; shift: bit offsets, broadcastable to ``words``.
+    zero_biased: fp32 ``z + 2**23`` (see :func:`bias_zeros`); scale: fp32. Both broadcastable to words.
+    The result is exact: q - z is a small integer and the product of it with an fp16/bf16 scale fits fp32.
+    """
+    # [.., ..] codes in [0, 2**BITS); the mask also clears the sign bits of an arithmetic shift
+    q = (words >> shift) & ((1 << BITS) - 1)
+    # int -> fp32 through the mantissa of 2**23 (one OR, one FADD below) instead of an I2F conversion,
+    # which runs at a fraction of the FP32 rate and could bound the decode kernel below memory bandwidth
+    q_biased = (q | FLOAT_BIAS_BITS).to(tl.float32, bitcast=True)
+    return (q_biased - zero_biased) * scale
+
+
+@triton.jit
+def bias_zeros(zeros):
+    """fp32 ``z + 2**23`` for integer zero points, to pair with :func:`dequantize_codes` (exact for z < 2**23)."""
+    return zeros.to(tl.float32) + FLOAT_BIAS
+
+
+def check_launch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    zeros: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> tuple[int, int, int]:
+    """Validate the operands of a Triton launch; return (M, N, K). Raises ValueError saying what to change."""
+    m, n, k = check_operands(x, qweight, zeros, scales, bits, group_size, bias)
+    if bits not in KERNEL_BITS:
+        raise ValueError(
+            f"no Triton kernel for {bits}-bit weights (kernels exist for {KERNEL_BITS}); "
+            "call gptqlab.kernels.gptq_matmul, which falls back to the torch reference"
+        )
+    if x.dtype not in X_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if not x.is_cuda and not interpreting():
+        raise ValueError(
+            f"Triton kernels need CUDA tensors, got {x.device}; use backend='torch', or set TRITON_INTERPRET=1 "
+            "before triton is imported to run them in the (slow) CPU interpreter"
+        )
+    return m, n, k
