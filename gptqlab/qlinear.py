@@ -1,0 +1,205 @@
+"""QuantLinear: the module that replaces ``nn.Linear`` in a loaded GPTQ model. Its weight stays packed."""
+
+from __future__ import annotations
+
+import torch
+
+from gptqlab.errors import CheckpointError
+from gptqlab.kernels import BACKENDS, gptq_matmul, reference
+from gptqlab.kernels.layout import check_operands, num_groups
+from gptqlab.quant.pack import SUPPORTED_BITS, pack_rows, unpack_cols, unpack_rows
+
+
+def _compact_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    """Zero points in the narrowest integer type that holds them: uint8, or int16 for the z = 256 that a
+    v1 8-bit file yields when it stores 0xFF (z - 1 of an unrepresentable 0)."""
+    fits_byte = zeros.numel() == 0 or int(zeros.max()) <= 255
+    return zeros.to(torch.uint8 if fits_byte else torch.int16)
+
+
+class QuantLinear(torch.nn.Module):
+    """A GPTQ-quantized Linear: ``y = x @ W + bias`` with W kept packed (about bits/16 of the fp16 bytes).
+
+    Build it with :meth:`from_checkpoint` from the tensors of a file (FORMAT.md). Buffers, in the layout
+    of :mod:`gptqlab.kernels.layout` (K = in_features, N = out_features, G = groups):
+
+    - ``qweight`` [K*bits/32, N] int32: codes packed along K; rows are in kernel order (see ``perm``).
+    - ``zeros`` [G, N] uint8 (int16 if a zero is 256): actual zero points, the v1 offset already added.
+    - ``scales`` [G, N] as stored (fp16). ``bias`` [N] or None (an all-zero bias is dropped).
+    - ``perm`` [K] int32 or None: act-order. Input channels are reordered once at load time so that
+      groups are contiguous (row i of ``qweight`` is original input ``perm[i]``), and forward reads
+      ``x[..., perm]``. The fast kernels then never see g_idx.
+    - ``g_idx`` [K] int32 or None: only for a group assignment that no reordering makes contiguous
+      (groups of unequal size; GPTQ never writes these). Such a layer runs the torch reference with
+      g_idx on every call: correct, but it dequantizes the whole layer each time.
+
+    The buffers are not persistent: ``state_dict()`` holds none of them, because they are not the file
+    tensors (zeros unpacked, rows permuted). Export from the checkpoint tensors or
+    :meth:`dequantized_weight`. Casting the module to another float dtype casts ``scales`` and ``bias``
+    as for any floating buffer; move a loaded model with ``.to(device)`` only.
+
+    ``forward`` keeps x's dtype (fp16, bf16 or fp32). ``backend`` picks the implementation and may be
+    changed at any time: "auto" (Triton kernels on CUDA, else the torch reference, which dequantizes
+    only this layer and only for this call), "triton" or "torch"; see ``gptqlab.kernels.backend_for``.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        zeros: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        bits: int,
+        group_size: int,
+        perm: torch.Tensor | None = None,
+        g_idx: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> None:
+        """Wrap tensors already in the internal layout (see the class docstring); most callers want
+        :meth:`from_checkpoint`. Raises ValueError on inconsistent shapes."""
+        super().__init__()
+        self.in_features = qweight.shape[0] * 32 // bits
+        self.out_features = qweight.shape[1]
+        probe = torch.empty(0, self.in_features, dtype=torch.float16, device=qweight.device)
+        check_operands(probe, qweight, zeros, scales, bits, group_size, bias)
+        for name, index in (("perm", perm), ("g_idx", g_idx)):
+            if index is not None and index.shape != (self.in_features,):
+                raise ValueError(f"{name} must have shape [K] = [{self.in_features}], got {tuple(index.shape)}")
+        if perm is not None and g_idx is not None:
+            raise ValueError("give perm (groups made contiguous) or g_idx (general groups), not both")
+        self.bits = bits
+        self.group_size = group_size
+        self.backend = backend
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("g_idx", g_idx, persistent=False)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        qweight: torch.Tensor,
+        qzeros: torch.Tensor,
+        scales: torch.Tensor,
+        g_idx: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        zero_offset: int,
+        name: str = "",
+    ) -> QuantLinear:
+        """Build the layer from the tensors of one Linear exactly as stored in the file (FORMAT.md).
+
+        qweight: [K*bits/32, N] int32. qzeros: [G, N*bits/32] int32, packed. scales: [G, N] float.
+        g_idx: [K] integer, or None for contiguous groups. bias: [N] or None.
+        group_size: -1 means one group of K rows. zero_offset: 1 for checkpoint_format "gptq" (v1, the
+        file stores z - 1), 0 for "gptq_v2". name: the module's prefix, used in error messages.
+        Raises CheckpointError naming the tensor whose shape or dtype does not fit the config.
+        """
+        where = f"{name}." if name else ""
+        k, n = in_features, out_features
+
+        def fail(tensor: str, problem: str) -> CheckpointError:
+            return CheckpointError(
+                f"{where}{tensor}: {problem} (bits={bits}, group_size={group_size}, in_features={k}, out_features={n})"
+            )
+
+        if bits not in SUPPORTED_BITS:
+            raise fail("config", f"bits must be one of {SUPPORTED_BITS}")
+        if zero_offset not in (0, 1):
+            raise fail(
+                "config", f"zero_offset must be 1 (checkpoint_format 'gptq') or 0 ('gptq_v2'), got {zero_offset}"
+            )
+        if k <= 0 or n <= 0 or (group_size != -1 and group_size <= 0):
+            raise fail("config", "in_features, out_features and group_size (or -1) must be positive")
+        per_run = 32 if bits == 3 else 32 // bits
+        if k % per_run:
+            raise fail("qweight", f"in_features must be a multiple of {per_run} to pack {bits}-bit codes")
+        if n % per_run:
+            raise fail("qzeros", f"out_features must be a multiple of {per_run} to pack {bits}-bit zero points")
+        g = num_groups(k, group_size)
+        for tensor, value, shape in (
+            ("qweight", qweight, (k * bits // 32, n)),
+            ("qzeros", qzeros, (g, n * bits // 32)),
+            ("scales", scales, (g, n)),
+        ):
+            if tuple(value.shape) != shape:
+                raise fail(tensor, f"expected shape {list(shape)}, got {list(value.shape)}")
+        for tensor, value in (("qweight", qweight), ("qzeros", qzeros)):
+            if value.dtype != torch.int32:
+                raise fail(tensor, f"expected int32, got {value.dtype}")
+        if not scales.dtype.is_floating_point:
+            raise fail("scales", f"expected a float dtype, got {scales.dtype}")
+        if bias is not None:
+            if tuple(bias.shape) != (n,) or not bias.dtype.is_floating_point:
+                raise fail("bias", f"expected a float tensor of shape [{n}], got {bias.dtype} {list(bias.shape)}")
+            if not bool(bias.any()):
+                bias = None  # AutoGPTQ writes zeros for Linears without a bias
+        contiguous = reference.contiguous_g_idx(k, group_size, qweight.device)
+        if g_idx is None:
+            g_idx = contiguous
+        if tuple(g_idx.shape) != (k,) or g_idx.dtype.is_floating_point:
+            raise fail("g_idx", f"expected an integer tensor of shape [{k}], got {g_idx.dtype} {list(g_idx.shape)}")
+        g_idx = g_idx.to(device=qweight.device, dtype=torch.int32)
+        if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= g):
+            raise fail("g_idx", f"group indices must lie in [0, {g})")
+
+        zeros = _compact_zeros(unpack_cols(qzeros, bits) + zero_offset)  # [G, N]
+        layer = {"bits": bits, "group_size": group_size}
+        if torch.equal(g_idx, contiguous):
+            return cls(qweight, zeros, scales, bias, **layer)
+        order = torch.argsort(g_idx, stable=True)  # [K]: kernel row i <- original input order[i]
+        if torch.equal(g_idx[order], contiguous):
+            repacked = pack_rows(unpack_rows(qweight, bits)[order], bits)
+            return cls(repacked, zeros, scales, bias, perm=order.to(torch.int32), **layer)
+        return cls(qweight, zeros, scales, bias, g_idx=g_idx, **layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] fp16/bf16/fp32 → [..., out_features] in x.dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with {self.in_features} features in its last dim, got {tuple(x.shape)}")
+        if self.g_idx is not None:
+            return reference.matmul(x, self.qweight, self.zeros, self.scales, self.g_idx, self.bits, self.bias)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return gptq_matmul(
+            x, self.qweight, self.zeros, self.scales, self.bits, self.group_size, self.bias, backend=self.backend
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a torch Linear stores it: [out_features, in_features] in the original input order,
+        in ``dtype`` (default: the scales' dtype)."""
+        g_idx = self.g_idx
+        if g_idx is None:
+            g_idx = reference.contiguous_g_idx(self.in_features, self.group_size, self.qweight.device)
+        w = reference.dequantize(self.qweight, self.zeros, self.scales, g_idx, self.bits, dtype)  # [K, N]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)
+        return w.t().contiguous()
+
+    def packed_nbytes(self) -> int:
+        """Bytes held by this layer's buffers (packed weight, zeros, scales, bias, permutation)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def extra_repr(self) -> str:
+        groups = "act-order" if self.perm is not None else "g_idx" if self.g_idx is not None else "contiguous"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, groups={groups}, backend={self.backend}"
+        )
