@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from gptqlab.calib.readers import source_paragraphs
 from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
 from gptqlab.calib.spec import SourceSpec, kind_from_extension, parse_hf_ref, parse_spec
-
 from gptqlab.errors import CalibrationError
 
 # Upper bound on the characters tokenized in one piece. Pieces keep memory per call bounded and let a fast

@@ -14,7 +14,6 @@ from typing import Any
 
 from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
 from gptqlab.calib.spec import SourceSpec
-
 from gptqlab.errors import CalibrationError
 
 # BELLE's prompt template; turns of a multi-turn conversation are joined by a blank line in the same way.
@@ -153,7 +152,8 @@ def _json_array_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
                 if not text.startswith(",", pos):
                     raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
                 pos = _WHITESPACE.match(text, pos + 1).end()
-        if _WHITESPACE.match(text, pos).end() != len(text):
+        pos = _WHITESPACE.match(text, pos).end()
+        if pos != len(text):
             raise json.JSONDecodeError("Extra data", text, pos)
     except json.JSONDecodeError as exc:
         raise CalibrationError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None

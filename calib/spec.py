@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptqlab.calib.sources import BUILTIN_SOURCES
-
 from gptqlab.errors import CalibrationError
 
 FILE_KINDS = ("belle", "txt")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from gptqlab.calib import builtin_texts
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from gptqlab.calib import builtin_texts
 
 VOCAB = 1000
 TRAIN_PARAGRAPHS = 2000

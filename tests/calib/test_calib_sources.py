@@ -1,8 +1,8 @@
 """The built-in sources' calibration and held-out splits."""
 
 import pytest
-from gptqlab.calib import BUILTIN_SOURCES, builtin_texts
 
+from gptqlab.calib import BUILTIN_SOURCES, builtin_texts
 from gptqlab.errors import CalibrationError
 
 

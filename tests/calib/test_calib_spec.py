@@ -3,8 +3,8 @@
 import dataclasses
 
 import pytest
-from gptqlab.calib import SourceSpec, parse_spec
 
+from gptqlab.calib import SourceSpec, parse_spec
 from gptqlab.errors import CalibrationError
 
 
