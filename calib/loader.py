@@ -23,12 +23,11 @@ from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
 from gptqlab.calib.spec import SourceSpec, kind_from_extension, parse_hf_ref, parse_spec
 from gptqlab.errors import CalibrationError
 
-# Upper bound on the characters tokenized in one piece. Pieces keep memory per call bounded and let a fast
-# tokenizer encode them in parallel; a tokenizer's model_max_length can make them smaller.
+# Characters tokenized in one piece. Pieces bound the memory of one tokenizer call and let a fast tokenizer
+# encode them in parallel. They are not sized by model_max_length: a SentencePiece tokenizer adds a prefix
+# space at the start of every piece, so pieces of a few hundred characters would add a token every few
+# hundred characters and bias tokens_per_char. The length warning is switched off instead (verbose=False).
 CHUNK_CHARS = 16_384
-# A byte-level tokenizer without Chinese merges spends up to 3 tokens (the UTF-8 bytes) on one Chinese
-# character, so a piece of model_max_length // 4 characters stays under the limit.
-MAX_TOKENS_PER_CHAR = 4
 EVAL_BUILTINS = {f"{name}-heldout": name for name in BUILTIN_SOURCES}
 EVAL_HF_DEFAULT_SPLIT = "test"
 
@@ -160,34 +159,25 @@ def _generator(seed: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _chunk_chars(tokenizer: Any) -> int:
-    limit = getattr(tokenizer, "model_max_length", None)
-    # Tokenizers without a limit report a huge sentinel (int(1e30)); those use CHUNK_CHARS.
-    if isinstance(limit, int) and 0 < limit < CHUNK_CHARS * MAX_TOKENS_PER_CHAR:
-        return max(1, limit // MAX_TOKENS_PER_CHAR)
-    return CHUNK_CHARS
-
-
 def tokenize_paragraphs(tokenizer: Any, paragraphs: Sequence[str]) -> tuple[torch.Tensor, int]:
     """Token ids of ``"\\n".join(paragraphs)`` without special tokens, and the number of characters.
 
     tokenizer: a Hugging Face tokenizer (called as ``tokenizer(list_of_str, add_special_tokens=False)``).
-    The text is cut between paragraphs into pieces of at most :func:`_chunk_chars` characters (one long
+    The text is cut between paragraphs into pieces of at most :data:`CHUNK_CHARS` characters (one long
     paragraph may exceed it), each piece but the last keeping its trailing "\\n". Returns int64 [T] and the
     number of characters tokenized.
     """
-    budget = _chunk_chars(tokenizer)
     pieces: list[str] = []
     current: list[str] = []
     size = 0
     for paragraph in paragraphs:
-        if current and size + len(paragraph) > budget:
+        if current and size + len(paragraph) > CHUNK_CHARS:
             pieces.append("\n".join(current) + "\n")
             current, size = [], 0
         current.append(paragraph)
         size += len(paragraph) + 1
     pieces.append("\n".join(current))
-    # verbose=False: a single paragraph longer than model_max_length is fine here, since windows are cut later.
+    # verbose=False: a piece longer than model_max_length is expected here; windows of seqlen are cut later.
     encoded = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
     ids = torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long)
     return ids, sum(len(p) for p in pieces)

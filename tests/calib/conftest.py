@@ -10,7 +10,7 @@ from gptqlab.calib import builtin_texts
 
 VOCAB = 1000
 TRAIN_PARAGRAPHS = 2000
-# Small on purpose, so that tokenization is cut into many pieces (model_max_length // 4 characters each).
+# Far below the 16,384-character pieces that the loader tokenizes, as with real models' tokenizers.
 MODEL_MAX_LENGTH = 512
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+import transformers
 
 from gptqlab.calib import CalibSet, builtin_texts, load_calibration, load_eval_text
-from gptqlab.calib.loader import allocate_samples, tokenize_paragraphs
+from gptqlab.calib.loader import CHUNK_CHARS, allocate_samples, tokenize_paragraphs
 from gptqlab.errors import CalibrationError
 
 SEQLEN = 64
@@ -49,11 +51,18 @@ def test_allocate_samples(weights, nsamples, expected):
     assert allocate_samples(weights, nsamples) == expected
 
 
-def test_chunked_tokenization_matches_one_call(tokenizer, paragraphs):
-    ids, characters = tokenize_paragraphs(tokenizer, paragraphs)
+def test_chunked_tokenization_matches_one_call(tokenizer, paragraphs, caplog):
     text = "\n".join(paragraphs)
+    assert len(text) > CHUNK_CHARS  # so that the text is cut into pieces
+    transformers.logging.enable_propagation()  # transformers' log records reach caplog only through the root
+    try:
+        with caplog.at_level(logging.WARNING):
+            ids, characters = tokenize_paragraphs(tokenizer, paragraphs)
+    finally:
+        transformers.logging.disable_propagation()
+    # Pieces are far longer than model_max_length (512), and no length warning is printed.
+    assert [r.getMessage() for r in caplog.records] == []
     assert characters == len(text)
-    # model_max_length 512 cuts the text into ~128-character pieces; the tokens must be those of one call.
     assert ids.tolist() == tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     assert ids.dtype == torch.int64
 
