@@ -1,0 +1,505 @@
+"""Train the embedded Chinese models ``tiny-zh-llama`` and ``tiny-zh-bloom`` from scratch on a CPU.
+
+No pretrained model can be downloaded where gptqlab is tested, and a randomly initialised model cannot tell
+a good quantizer from a bad one, so gptqlab ships two small models trained here on the calibration splits
+of its built-in corpora (never on held-out text):
+
+1. A byte-level BPE tokenizer (``VOCAB_SIZE`` ids, shared by both models) is trained on that text.
+2. The text is cut into documents of ``DOC_PARAGRAPHS`` paragraphs joined by newlines (the way
+   :func:`gptqlab.evaluate.builtin_eval_text` joins held-out text), each ``<s> … </s>``, and the
+   token stream is cut into training sequences.
+3. The model trains with AdamW for a wall-clock budget: the learning rate follows a linear warmup and a
+   cosine decay over the fraction of the budget used, so it reaches its floor when time is up however busy
+   the machine is. ``--steps`` trains a fixed number of steps instead, for an exactly repeatable run.
+4. The model is saved in float16 with its tokenizer, then measured from the saved files: held-out
+   perplexity and bits per character, the fixed slice that the tests check (``eval.json``), and the
+   perplexity rise under 3-bit round-to-nearest (the quality bar: it must exceed 5 %). The model card
+   ``README.md`` is written from those measurements.
+
+Usage: ``python -m gptqlab.benchmarks.train_embedded --model all``. Each model takes about
+``--minutes`` of training plus two to three minutes of tokenizer training and measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
+from gptqlab.embedded import EMBEDDED_MODELS, models_dir
+from gptqlab.evaluate import builtin_eval_text, perplexity
+from gptqlab.quant.config import QuantConfig
+from gptqlab.quant.rtn import rtn
+
+VOCAB_SIZE = 8000
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
+BOS, EOS, PAD = 0, 1, 2
+DOC_PARAGRAPHS = 50
+TRAIN_SOURCES = BUILTIN_SOURCES  # calibration splits only
+EVAL_SEQLEN = 512
+EVAL_BATCH = 8  # windows per forward pass while measuring
+SLICE = {"source": "peoples-daily", "split": "heldout", "max_chars": 20_000, "seqlen": 256}  # checked by tests
+QUALITY_BAR = {"bits": 3, "group_size": 128, "min_ppl_rise": 0.05}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. CLI flags map onto these fields."""
+
+    model: str
+    minutes: float = 10.0
+    steps: int | None = None
+    batch_size: int = 8
+    seqlen: int = 512
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.03
+    weight_decay: float = 0.1
+    seed: int = 0
+    threads: int = 2
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in EMBEDDED_MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(EMBEDDED_MODELS)}")
+        if self.minutes <= 0 or (self.steps is not None and self.steps <= 0):
+            raise ValueError("--minutes and --steps must be positive")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"--warmup is a fraction of training in [0, 1), got {self.warmup}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def training_documents() -> list[str]:
+    """The calibration paragraphs of every training source, grouped into newline-joined documents."""
+    docs = []
+    for source in TRAIN_SOURCES:
+        paras = builtin_texts(source, "calibration")
+        docs += ["\n".join(paras[i : i + DOC_PARAGRAPHS]) for i in range(0, len(paras), DOC_PARAGRAPHS)]
+    return docs
+
+
+def train_tokenizer(docs: list[str], max_length: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ``VOCAB_SIZE`` ids; encodes no special tokens by itself."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer)
+    bos, eos, pad = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_length
+    )
+
+
+def token_stream(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> torch.Tensor:
+    """All documents as one stream of ids [n], each document as ``<s> text </s>``."""
+    ids = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids += [BOS, *enc, EOS]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batches(stream: torch.Tensor, batch_size: int, seqlen: int, seed: int):
+    """Endless batches [batch_size, seqlen] of the stream: each epoch cuts it at a new random offset into
+    sequences and shuffles them."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        offset = int(torch.randint(seqlen, (1,), generator=gen))
+        n = (len(stream) - offset) // seqlen
+        seqs = stream[offset : offset + n * seqlen].view(n, seqlen)
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield seqs[order[i : i + batch_size]]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_model(name: str, max_length: int) -> torch.nn.Module:
+    """The untrained model; both have hidden size 256 and tied input/output embeddings."""
+    common = {"vocab_size": VOCAB_SIZE, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
+    if name == "tiny-zh-llama":
+        cfg = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=max_length,
+            tie_word_embeddings=True,
+            **common,
+        )
+        return LlamaForCausalLM(cfg)
+    # BLOOM: ALiBi positions, fused query_key_value, MLP 4 × hidden = 1024
+    cfg = BloomConfig(hidden_size=256, n_layer=6, n_head=4, tie_word_embeddings=True, **common)
+    return BloomForCausalLM(cfg)
+
+
+def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    """Learning-rate multiplier at ``progress`` ∈ [0, 1] of training: linear warmup, then cosine decay."""
+    if progress < warmup:
+        return progress / warmup
+    t = min(1.0, (progress - warmup) / (1.0 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def train(model: torch.nn.Module, stream: torch.Tensor, cfg: TrainConfig) -> list[dict]:
+    """Train in place until the time budget (or ``cfg.steps``) is used; returns the per-step log."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    budget = cfg.minutes * 60.0
+    log = []
+    model.train()
+    bar = tqdm(total=cfg.steps or round(budget), unit="step" if cfg.steps else "s", desc=cfg.model)
+    start = time.perf_counter()
+    step = 0
+    for batch in batches(stream, cfg.batch_size, cfg.seqlen, cfg.seed):
+        elapsed = time.perf_counter() - start
+        progress = step / cfg.steps if cfg.steps else elapsed / budget
+        if progress >= 1.0:
+            break
+        lr = cfg.lr * lr_factor(progress, cfg.warmup, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - start
+        log.append({"step": step, "loss": round(loss.item(), 4), "lr": lr, "elapsed": round(elapsed, 2)})
+        bar.update(1 if cfg.steps else round(elapsed) - bar.n)
+        bar.set_postfix(step=step, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+    bar.close()
+    return log
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+
+def load(folder: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The saved model in float32 (its float16 weights upcast) and its tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@torch.no_grad()
+def rtn_fake_quantize_(model: torch.nn.Module, bits: int, group_size: int) -> int:
+    """Round every decoder Linear weight to ``bits`` (asymmetric min/max per group) and back, in place.
+
+    The output head (tied to the embeddings) is left alone, as GPTQ leaves it. Returns the number of
+    Linears quantized.
+    """
+    qcfg = QuantConfig(bits=bits, group_size=group_size, sym=False, checkpoint_format="gptq_v2")
+    head = model.get_output_embeddings()
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.weight.copy_(rtn(module.weight, qcfg).Q.to(module.weight.dtype))
+            n += 1
+    return n
+
+
+def measure(folder: Path, fp32_model: torch.nn.Module | None = None) -> dict:
+    """Everything the model card and the tests report, measured from the saved files."""
+    model, tokenizer = load(folder)
+    sl = SLICE
+    slice_text = builtin_eval_text(sl["source"], sl["split"], sl["max_chars"])
+    result = {
+        "slice": {
+            **sl,
+            **perplexity(model, tokenizer, slice_text, sl["seqlen"], progress=False, batch_size=EVAL_BATCH).to_dict(),
+        }
+    }
+    if fp32_model is not None:  # the trained weights before the float16 round trip
+        fp32 = perplexity(fp32_model, tokenizer, slice_text, sl["seqlen"], progress=False, batch_size=EVAL_BATCH)
+        result["slice"]["ppl_before_fp16"] = fp32.ppl
+    texts = {source: builtin_eval_text(source, "heldout") for source in BUILTIN_SOURCES}
+    result["heldout"] = {
+        s: perplexity(model, tokenizer, t, EVAL_SEQLEN, batch_size=EVAL_BATCH).to_dict() for s, t in texts.items()
+    }
+    bits, gs = QUALITY_BAR["bits"], QUALITY_BAR["group_size"]
+    n_linear = rtn_fake_quantize_(model, bits, gs)
+    rtn_result = {}
+    for source, text in texts.items():
+        q = perplexity(model, tokenizer, text, EVAL_SEQLEN, batch_size=EVAL_BATCH)
+        rtn_result[source] = {
+            "ppl": q.ppl,
+            "bits_per_char": q.bits_per_char,
+            "rise": q.ppl / result["heldout"][source]["ppl"] - 1,
+        }
+    result["rtn"] = {"bits": bits, "group_size": gs, "sym": False, "linears": n_linear, **rtn_result}
+    result["quality_bar_met"] = all(r["rise"] > QUALITY_BAR["min_ppl_rise"] for r in rtn_result.values())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def save(model, tokenizer, folder: Path) -> None:
+    """float16 safetensors, config, generation config and tokenizer files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def architecture_line(model) -> str:
+    c = model.config
+    if c.model_type == "llama":
+        return (
+            f"LlamaForCausalLM: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate "
+            f"{c.intermediate_size}, {c.num_attention_heads} heads of {c.hidden_size // c.num_attention_heads}, "
+            f"RoPE, RMSNorm, SwiGLU, context {c.max_position_embeddings}, tied embeddings"
+        )
+    return (
+        f"BloomForCausalLM: {c.n_layer} layers, hidden {c.hidden_size}, MLP {4 * c.hidden_size}, {c.n_head} heads of "
+        f"{c.hidden_size // c.n_head}, ALiBi, fused query_key_value, LayerNorm, GELU, tied embeddings"
+    )
+
+
+def write_card(folder: Path, model, cfg: TrainConfig, info: dict, ev: dict) -> None:
+    """The model card, from the training record and the measurements."""
+    rows = "\n".join(
+        f"| {s} | {r['tokens']:,} | {r['chars']:,} | {r['ppl']:.2f} | {r['bits_per_char']:.4f} |"
+        f" {ev['rtn'][s]['ppl']:.2f} (+{100 * ev['rtn'][s]['rise']:.1f} %) |"
+        for s, r in ev["heldout"].items()
+    )
+    sl = ev["slice"]
+    facts = [
+        ("Architecture", architecture_line(model)),
+        ("Parameters", f"{info['parameters']:,} (embeddings {info['embedding_parameters']:,})"),
+        ("Weights", f"`model.safetensors`, float16, {info['file_mb']:.1f} MB"),
+        (
+            "Tokenizer",
+            f"byte-level BPE, {VOCAB_SIZE} ids (`<s>` 0, `</s>` 1, `<pad>` 2), trained on the training text; "
+            f"{info['tokens_per_char']:.3f} tokens per character",
+        ),
+        (
+            "Training text",
+            f"calibration splits of {', '.join(f'`{s}`' for s in TRAIN_SOURCES)} ({info['train_chars']:,} "
+            f"characters, {info['train_tokens']:,} tokens); no held-out text",
+        ),
+        (
+            "Training",
+            f"{info['steps']:,} steps of {cfg.batch_size} × {cfg.seqlen} tokens ({info['tokens_seen']:,} tokens, "
+            f"{info['epochs']:.2f} epochs) in {info['train_seconds'] / 60:.1f} min",
+        ),
+        (
+            "Optimizer",
+            f"AdamW (β 0.9, 0.95, weight decay {cfg.weight_decay}), peak lr {cfg.lr:g}, warmup {cfg.warmup:.0%} then "
+            f"cosine to {cfg.min_lr_ratio:g} × peak over the budget, grad clip 1.0, "
+            f"{'bf16 autocast' if cfg.bf16 else 'float32'}",
+        ),
+        ("Seed", str(cfg.seed)),
+        ("Final training loss", f"{info['final_loss']:.3f} (mean of the last 20 steps)"),
+        ("Trained", f"{info['date']} on {info['machine']}"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in facts)
+    q = ev["rtn"]
+    text = f"""# {cfg.model}
+
+A small Chinese causal language model trained from scratch by `python -m gptqlab.benchmarks.train_embedded
+--model {cfg.model}`, shipped with gptqlab so that quantizers can be compared where no pretrained model can be
+downloaded. It is a test subject, not a useful language model.
+
+| | |
+|---|---|
+{table}
+
+## Held-out perplexity
+
+Measured {info["date"]} on {info["machine"]} with `gptqlab.evaluate.perplexity`, seqlen {EVAL_SEQLEN}, disjoint
+windows, on the held-out splits (paragraphs joined by newlines), from the saved float16 weights run in
+float32. Bits per character are the total negative log-likelihood in bits over the characters of the text.
+The last column fake-quantizes every decoder Linear with round-to-nearest, {q["bits"]} bits, asymmetric
+min/max per group of {q["group_size"]} input channels ({q["linears"]} Linears; the tied output head is kept).
+
+| held-out split | tokens | characters | perplexity | bits / char | RTN w{q["bits"]} g{q["group_size"]} perplexity |
+|---|---|---|---|---|---|
+{rows}
+
+GPTQ: not measured here; the quantization benchmarks report it.
+
+## Test slice
+
+`eval.json` holds the numbers above and a quick check that `tests/test_embedded.py` repeats: the first
+{sl["max_chars"]:,} characters of the `{sl["source"]}` {sl["split"]} split at seqlen {sl["seqlen"]}: perplexity
+{sl["ppl"]:.3f} ({sl["ppl_before_fp16"]:.3f} with the trained float32 weights before saving in float16).
+`train_log.json` has the loss of every step.
+"""
+    (folder / "README.md").write_text(text, encoding="utf-8")
+
+
+def write_index(root: Path) -> None:
+    """``models/README.md``: one row per trained embedded model, from its ``eval.json``."""
+    rows = []
+    for name in EMBEDDED_MODELS:
+        path = root / name / "eval.json"
+        if path.exists():
+            ev = json.loads(path.read_text())
+            pd_, rv = ev["heldout"]["peoples-daily"], ev["heldout"]["reviews"]
+            rows.append(
+                f"| [{name}]({name}/README.md) | {ev['architecture']} | {ev['parameters'] / 1e6:.2f} M |"
+                f" {pd_['ppl']:.1f} / {pd_['bits_per_char']:.3f} | {rv['ppl']:.1f} / {rv['bits_per_char']:.3f} |"
+                f" +{100 * ev['rtn']['peoples-daily']['rise']:.1f} % |"
+            )
+    text = f"""# Embedded models
+
+Small Chinese models trained from scratch on the calibration splits of the built-in corpora by
+`python -m gptqlab.benchmarks.train_embedded`, so that quantizers can be compared offline. Load one by name:
+`AutoModelForCausalLM.from_pretrained(gptqlab.embedded.resolve_model("tiny-zh-llama"))`.
+
+Held-out perplexity / bits per character at seqlen {EVAL_SEQLEN}; the last column is the perplexity rise on
+`peoples-daily` when every decoder Linear is rounded to 3 bits (group size 128). Details in each card.
+
+| model | architecture | parameters | peoples-daily | reviews | RTN w3 g128 |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    (root / "README.md").write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run(cfg: TrainConfig, out: Path) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    folder = out / cfg.model
+    docs = training_documents()
+    tokenizer = train_tokenizer(docs, max_length=2 * cfg.seqlen)
+    stream = token_stream(tokenizer, docs)
+    train_chars = sum(len(d) for d in docs)
+    print(f"{cfg.model}: {len(docs)} documents, {train_chars:,} characters, {len(stream):,} tokens")
+
+    model = build_model(cfg.model, max_length=2 * cfg.seqlen)
+    start = time.perf_counter()
+    log = train(model, stream, cfg)
+    train_seconds = time.perf_counter() - start
+    save(model, tokenizer, folder)
+    (folder / "train_log.json").write_text(json.dumps({"config": vars(cfg), "log": log}, indent=0) + "\n")
+
+    ev = measure(folder, fp32_model=model.eval())
+    tied = model.get_input_embeddings().weight
+    info = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "embedding_parameters": tied.numel(),
+        "file_mb": (folder / "model.safetensors").stat().st_size / 1e6,
+        "tokens_per_char": (len(stream) - 2 * len(docs)) / train_chars,
+        "train_chars": train_chars,
+        "train_tokens": len(stream),
+        "steps": len(log),
+        "tokens_seen": len(log) * cfg.batch_size * cfg.seqlen,
+        "epochs": len(log) * cfg.batch_size * cfg.seqlen / len(stream),
+        "train_seconds": train_seconds,
+        "final_loss": sum(x["loss"] for x in log[-20:]) / len(log[-20:]),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()} CPU, {cfg.threads} threads of {os.cpu_count()} cores",
+    }
+    ev = {"model": cfg.model, "architecture": type(model).__name__, **info, **ev}
+    (folder / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
+    write_card(folder, model, cfg, info, ev)
+    write_index(out)
+    return ev
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m gptqlab.benchmarks.train_embedded",
+        description="Train gptqlab's embedded Chinese models on the built-in calibration text and write them, "
+        "with their tokenizer, measurements and model card, to OUT/<name>/.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        choices=[*EMBEDDED_MODELS, "all"],
+        help="which model to train; all trains them one after the other",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=10.0,
+        help="wall-clock training budget per model (default 10); the LR schedule spans it",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train exactly this many steps instead of for --minutes (repeatable runs)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument(
+        "--seqlen",
+        type=int,
+        default=512,
+        help="tokens per training sequence (default 512); the model context is twice this",
+    )
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--fp32", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    p.add_argument(
+        "--out", type=Path, default=models_dir(), help="output folder (default: the package's models/ folder)"
+    )
+    args = p.parse_args(argv)
+    names = list(EMBEDDED_MODELS) if args.model == "all" else [args.model]
+    for name in names:
+        cfg = TrainConfig(
+            model=name,
+            minutes=args.minutes,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seqlen=args.seqlen,
+            lr=args.lr,
+            seed=args.seed,
+            threads=args.threads,
+            bf16=not args.fp32,
+        )
+        ev = run(cfg, args.out)
+        print(
+            json.dumps(
+                {k: ev[k] for k in ("model", "parameters", "steps", "train_seconds", "heldout", "rtn")}, indent=1
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
