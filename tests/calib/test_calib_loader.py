@@ -117,7 +117,9 @@ def test_description_and_tokens_per_char(tokenizer, two_files, paragraphs):
     assert (first["name"], first["path"], first["weight"], first["samples"]) == ("txt", two_files[0], 0.5, 3)
     assert first["paragraphs"] == second["paragraphs"] == 150
     assert first["characters"] == len("\n".join(paragraphs[:150]))
-    assert first["tokens"] == len(tokenizer("\n".join(paragraphs[:150]), add_special_tokens=False)["input_ids"])
+    assert first["tokens"] == len(
+        tokenizer("\n".join(paragraphs[:150]), add_special_tokens=False, verbose=False)["input_ids"]
+    )
     for source in (first, second):
         assert source["tokens_per_char"] == source["tokens"] / source["characters"]
         # A 1000-entry byte-level vocabulary cannot cover Chinese well: more than one token per character.
