@@ -1,0 +1,162 @@
+"""``gptqlab.load``: a GPTQ checkpoint as a regular transformers model whose quantized Linears are
+:class:`~gptqlab.qlinear.QuantLinear` (weights stay packed; Triton kernels on CUDA, torch on CPU).
+
+The model is built with meta parameters, then each tensor is read from the safetensors files through
+mmap: quantized Linears are replaced by QuantLinear built from their file tensors, everything else is
+loaded as it is. Nothing is unpickled; ``.bin`` weights are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptqlab.errors import CheckpointError, GptqlabError
+from gptqlab.reader import CheckpointQuantConfig, read_quant_config
+from gptqlab.weights import materialize, meta_parameters, open_weights
+
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _resolve_dir(name_or_path: str) -> Path:
+    from gptqlab.pipeline import resolve_model_dir
+
+    return resolve_model_dir(name_or_path)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GptqlabError("device='cuda' was asked for, but torch sees no CUDA device")
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise GptqlabError(f"device must be one of {DEVICES}, got {device!r}")
+    return torch.device(device)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def quantized_linear_names(model: nn.Module, weights) -> list[str]:
+    """Names of the model's Linears that the checkpoint stores packed (``<name>.qweight`` present)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.qweight" in weights]
+
+
+def _build_qlinear(name: str, lin: nn.Linear, weights, qc: CheckpointQuantConfig, device, dtype):
+    from gptqlab.qlinear import QuantLinear
+
+    def get(key: str, optional: bool = False):
+        full = f"{name}.{key}"
+        if optional and full not in weights:
+            return None
+        return weights.get(full).to(device)
+
+    scales = get("scales")
+    if not torch.isfinite(scales).all() or (bool((scales <= 0).any()) and qc.sym):
+        raise CheckpointError(f"{name}.scales: scales must be finite and positive")
+    bias = get("bias", optional=True)
+    layer = QuantLinear.from_checkpoint(
+        get("qweight"),
+        get("qzeros"),
+        scales.to(dtype),
+        get("g_idx", optional=True),
+        None if bias is None else bias.to(dtype),
+        bits=qc.bits,
+        group_size=qc.group_size,
+        in_features=lin.in_features,
+        out_features=lin.out_features,
+        zero_offset=qc.zero_offset,
+        name=name,
+    )
+    if (lin.bias is not None) != (layer.bias is not None) and lin.bias is not None:
+        # AutoGPTQ writes all-zero biases; a model that has a bias but whose stored bias is all zero is fine.
+        layer.bias = torch.zeros(lin.out_features, dtype=dtype, device=device)
+    return layer
+
+
+def load(
+    name_or_path: str,
+    device: str = "auto",
+    backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a GPTQ checkpoint (or an unquantized model) as a transformers ``PreTrainedModel``.
+
+    name_or_path: an embedded model name, a local folder, or a Hub id.
+    device: "auto" (cuda if available), "cpu" or "cuda". backend: "auto" (Triton on CUDA, torch on CPU),
+        "triton" or "torch" for every QuantLinear. dtype: activations and unquantized weights; default
+        float16 on CUDA, float32 on CPU.
+    Reads every variant of FORMAT.md: gptqlab, GPTQModel (v1), transformers/optimum (gptq_v2), legacy
+    AutoGPTQ files (``gptq_model-4bit-128g.safetensors``, zero biases), act-order and 8-bit checkpoints.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if backend not in BACKENDS:
+        raise GptqlabError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    folder = _resolve_dir(name_or_path)
+    dev = _device(device)
+    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    qc = read_quant_config(folder)
+    if qc is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(dev).eval()
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    raw_qc = getattr(config, "quantization_config", None)
+    if raw_qc is not None:
+        del config.quantization_config  # build a plain model; gptqlab does the quantized layers itself
+    with meta_parameters():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    weights = open_weights(folder, prefix=model.base_model_prefix)
+    names = quantized_linear_names(model, weights)
+    if not names:
+        raise CheckpointError(f"{folder}: the config says GPTQ, but no tensor named '*.qweight' matches the model")
+    _check_all_quantized(model, names, folder)
+    for name in names:
+        lin = model.get_submodule(name)
+        layer = _build_qlinear(name, lin, weights, qc, dev, dtype)
+        layer.backend = backend
+        _set_module(model, name, layer)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        materialize(model, "", weights, dev, dtype)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None and out_emb.weight.device.type == "meta":
+        out_emb.weight = in_emb.weight
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"{folder}: tensors missing from the checkpoint: {', '.join(leftover[:5])}")
+    for buf_name, buf in model.named_buffers():
+        if buf.device.type == "meta":
+            raise CheckpointError(f"{folder}: buffer {buf_name} was not initialised")
+    model.config.quantization_config = raw_qc if raw_qc is not None else qc.__dict__
+    model.gptqlab_quant_config = qc
+    return model.to(dev).eval()
+
+
+def _check_all_quantized(model: nn.Module, names: list[str], folder: Path) -> None:
+    """Every Linear the architecture quantizes must be present in packed form."""
+    from gptqlab.arch import arch_for, block_list
+
+    try:
+        arch = arch_for(model)
+    except GptqlabError:
+        return
+    present = set(names)
+    for i in range(len(block_list(model, arch))):
+        for n in arch.linears:
+            full = f"{arch.blocks}.{i}.{n}"
+            if full not in present:
+                raise CheckpointError(f"{folder}: quantized layer {full} is missing (no {full}.qweight)")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer that belongs to an embedded model name, a local folder or a Hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve_dir(name_or_path), trust_remote_code=trust_remote_code)
