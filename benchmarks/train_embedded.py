@@ -30,7 +30,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ from transformers import (
 
 from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
 from gptqlab.embedded import EMBEDDED_MODELS, models_dir
-from gptqlab.evaluate import builtin_eval_text, perplexity
+from gptqlab.evaluate import PerplexityResult, builtin_eval_text, perplexity
 from gptqlab.quant.config import QuantConfig
 from gptqlab.quant.rtn import rtn
 
@@ -237,20 +237,16 @@ def rtn_fake_quantize_(model: torch.nn.Module, bits: int, group_size: int) -> in
     return n
 
 
-def measure(folder: Path, fp32_model: torch.nn.Module | None = None) -> dict:
-    """Everything the model card and the tests report, measured from the saved files."""
-    model, tokenizer = load(folder)
-    sl = SLICE
-    slice_text = builtin_eval_text(sl["source"], sl["split"], sl["max_chars"])
-    result = {
-        "slice": {
-            **sl,
-            **perplexity(model, tokenizer, slice_text, sl["seqlen"], progress=False, batch_size=EVAL_BATCH).to_dict(),
-        }
-    }
-    if fp32_model is not None:  # the trained weights before the float16 round trip
-        fp32 = perplexity(fp32_model, tokenizer, slice_text, sl["seqlen"], progress=False, batch_size=EVAL_BATCH)
-        result["slice"]["ppl_before_fp16"] = fp32.ppl
+def slice_perplexity(model, tokenizer) -> PerplexityResult:
+    """Perplexity on ``SLICE``, the quick check that ``tests/test_embedded.py`` repeats."""
+    text = builtin_eval_text(SLICE["source"], SLICE["split"], SLICE["max_chars"])
+    return perplexity(model, tokenizer, text, SLICE["seqlen"], progress=False, batch_size=EVAL_BATCH)
+
+
+def measure(model: torch.nn.Module, tokenizer) -> dict:
+    """The test slice, held-out perplexity of every source, and the same after 3-bit RTN (which is applied
+    to ``model`` in place)."""
+    result = {"slice": {**SLICE, **slice_perplexity(model, tokenizer).to_dict()}}
     texts = {source: builtin_eval_text(source, "heldout") for source in BUILTIN_SOURCES}
     result["heldout"] = {
         s: perplexity(model, tokenizer, t, EVAL_SEQLEN, batch_size=EVAL_BATCH).to_dict() for s, t in texts.items()
@@ -281,8 +277,8 @@ def save(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def architecture_line(model) -> str:
-    c = model.config
+def architecture_line(c) -> str:
+    """One line describing the model that config ``c`` builds."""
     if c.model_type == "llama":
         return (
             f"LlamaForCausalLM: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate "
@@ -295,7 +291,7 @@ def architecture_line(model) -> str:
     )
 
 
-def write_card(folder: Path, model, cfg: TrainConfig, info: dict, ev: dict) -> None:
+def write_card(folder: Path, config, cfg: TrainConfig, info: dict, ev: dict) -> None:
     """The model card, from the training record and the measurements."""
     rows = "\n".join(
         f"| {s} | {r['tokens']:,} | {r['chars']:,} | {r['ppl']:.2f} | {r['bits_per_char']:.4f} |"
@@ -304,7 +300,7 @@ def write_card(folder: Path, model, cfg: TrainConfig, info: dict, ev: dict) -> N
     )
     sl = ev["slice"]
     facts = [
-        ("Architecture", architecture_line(model)),
+        ("Architecture", architecture_line(config)),
         ("Parameters", f"{info['parameters']:,} (embeddings {info['embedding_parameters']:,})"),
         ("Weights", f"`model.safetensors`, float16, {info['file_mb']:.1f} MB"),
         (
@@ -400,44 +396,70 @@ Held-out perplexity / bits per character at seqlen {EVAL_SEQLEN}; the last colum
 # ---------------------------------------------------------------------------------------------- main
 
 
-def run(cfg: TrainConfig, out: Path) -> dict:
+def train_model(cfg: TrainConfig, out: Path) -> Path:
+    """Train one model and save it with its tokenizer and ``train_log.json``; returns its folder."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    folder = out / cfg.model
     docs = training_documents()
     tokenizer = train_tokenizer(docs, max_length=2 * cfg.seqlen)
     stream = token_stream(tokenizer, docs)
-    train_chars = sum(len(d) for d in docs)
-    print(f"{cfg.model}: {len(docs)} documents, {train_chars:,} characters, {len(stream):,} tokens")
+    data = {
+        "sources": list(TRAIN_SOURCES),
+        "split": "calibration",
+        "documents": len(docs),
+        "chars": sum(len(d) for d in docs),
+        "tokens": len(stream),
+    }
+    data["tokens_per_char"] = (len(stream) - 2 * len(docs)) / data["chars"]  # without <s> and </s>
+    print(f"{cfg.model}: {data['documents']} documents, {data['chars']:,} characters, {data['tokens']:,} tokens")
 
     model = build_model(cfg.model, max_length=2 * cfg.seqlen)
     start = time.perf_counter()
     log = train(model, stream, cfg)
     train_seconds = time.perf_counter() - start
+    folder = out / cfg.model
     save(model, tokenizer, folder)
-    (folder / "train_log.json").write_text(json.dumps({"config": vars(cfg), "log": log}, indent=0) + "\n")
-
-    ev = measure(folder, fp32_model=model.eval())
-    tied = model.get_input_embeddings().weight
-    info = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "embedding_parameters": tied.numel(),
-        "file_mb": (folder / "model.safetensors").stat().st_size / 1e6,
-        "tokens_per_char": (len(stream) - 2 * len(docs)) / train_chars,
-        "train_chars": train_chars,
-        "train_tokens": len(stream),
-        "steps": len(log),
-        "tokens_seen": len(log) * cfg.batch_size * cfg.seqlen,
-        "epochs": len(log) * cfg.batch_size * cfg.seqlen / len(stream),
-        "train_seconds": train_seconds,
-        "final_loss": sum(x["loss"] for x in log[-20:]) / len(log[-20:]),
+    record = {
+        "config": asdict(cfg),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()} CPU, {cfg.threads} threads of {os.cpu_count()} cores",
+        "data": data,
+        "train_seconds": train_seconds,
+        "slice_ppl_before_fp16": slice_perplexity(model.eval(), tokenizer).ppl,  # the float32 weights
+        "log": log,
     }
-    ev = {"model": cfg.model, "architecture": type(model).__name__, **info, **ev}
+    (folder / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    return folder
+
+
+def describe(folder: Path) -> dict:
+    """Measure a saved model; write its ``eval.json``, its card and the models index."""
+    record = json.loads((folder / "train_log.json").read_text())
+    cfg, log, data = TrainConfig(**record["config"]), record["log"], record["data"]
+    torch.set_num_threads(cfg.threads)
+    model, tokenizer = load(folder)
+    info = {
+        "model": cfg.model,
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "embedding_parameters": model.get_input_embeddings().weight.numel(),
+        "file_mb": (folder / "model.safetensors").stat().st_size / 1e6,
+        "tokens_per_char": data["tokens_per_char"],
+        "train_chars": data["chars"],
+        "train_tokens": data["tokens"],
+        "steps": len(log),
+        "tokens_seen": len(log) * cfg.batch_size * cfg.seqlen,
+        "epochs": len(log) * cfg.batch_size * cfg.seqlen / data["tokens"],
+        "train_seconds": record["train_seconds"],
+        "final_loss": sum(x["loss"] for x in log[-20:]) / len(log[-20:]),
+        "date": record["date"],
+        "machine": record["machine"],
+    }
+    ev = {**info, **measure(model, tokenizer)}
+    ev["slice"]["ppl_before_fp16"] = record["slice_ppl_before_fp16"]
     (folder / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
-    write_card(folder, model, cfg, info, ev)
-    write_index(out)
+    write_card(folder, model.config, cfg, info, ev)
+    write_index(folder.parent)
     return ev
 
 
@@ -479,6 +501,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--out", type=Path, default=models_dir(), help="output folder (default: the package's models/ folder)"
     )
+    p.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="do not train: measure the models already in OUT again and rewrite their eval.json and cards",
+    )
     args = p.parse_args(argv)
     names = list(EMBEDDED_MODELS) if args.model == "all" else [args.model]
     for name in names:
@@ -493,7 +520,8 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             bf16=not args.fp32,
         )
-        ev = run(cfg, args.out)
+        folder = args.out / name if args.measure_only else train_model(cfg, args.out)
+        ev = describe(folder)
         print(
             json.dumps(
                 {k: ev[k] for k in ("model", "parameters", "steps", "train_seconds", "heldout", "rtn")}, indent=1

@@ -6,13 +6,12 @@ The text is tokenized once, without special tokens. If the tokenizer has a BOS t
 The *targets* are all ids but the first: every token of the text when there is a BOS, all but the first
 token otherwise (it has nothing to be predicted from). Each target is scored exactly once.
 
-A forward pass reads one window of at most ``seqlen`` ids, ``[begin, end)``, and its logits predict ids
-``begin + 1 .. end``; it scores those of them that no earlier window scored. The first window starts at
-id 0 and scores all of its predictions; each later window ends ``stride`` ids after the previous one and
-scores its last ``stride`` predictions. A target is thus predicted from at most ``seqlen`` ids of context,
-and (after the first window) from at least ``seqlen - stride + 1``. ``stride = seqlen`` reads disjoint
-windows (fastest; the first targets of each window have little context); ``stride = 1`` gives every
-target a full window (slowest).
+Window k reads ids ``[k * stride, k * stride + seqlen)`` (the last one cut short at the end of the ids) in
+one forward pass; its logits predict ids ``k * stride + 1 .. k * stride + seqlen``, and it scores those
+that no earlier window scored: all of them in the first window, the last ``stride`` in later ones. A
+target is thus predicted from at most ``seqlen`` ids of context and, after the first window, at least
+``seqlen - stride + 1``. ``stride = seqlen`` reads disjoint windows (fastest; the first targets of each
+window have little context); ``stride = 1`` gives every target a full window (slowest).
 
 * ``nll_sum``: the summed negative log-likelihood of the targets, in nats, computed in float32.
 * ``tokens``: the number of targets. ``ppl = exp(nll_sum / tokens)``.
@@ -73,11 +72,12 @@ def window_plan(n_ids: int, seqlen: int, stride: int) -> list[tuple[int, int, in
     """
     plan = []
     done = 0  # targets 1 .. done are scored
-    end = min(seqlen, n_ids - 1)
+    begin = 0
     while done < n_ids - 1:
-        plan.append((max(0, end - seqlen), end, end - done))
+        end = min(begin + seqlen, n_ids - 1)
+        plan.append((begin, end, end - done))
         done = end
-        end = min(end + stride, n_ids - 1)
+        begin += stride
     return plan
 
 
