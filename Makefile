@@ -1,0 +1,42 @@
+# gptqlab: `make demo` quantizes and evaluates the embedded model; `make test` runs lint and the tests.
+# Both create .venv on first use. TORCH can be overridden, e.g. `make test TORCH='torch==2.11.0'`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS := $(VENV)/constraints.txt
+
+.PHONY: demo test lint install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: setup.py | $(BIN)/python
+	$(PIP) install -q "$(TORCH)"
+	echo "$(TORCH)" > $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[triton,plot]"
+	touch $@
+
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m gptqlab.benchmarks.demo
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out build *.egg-info
