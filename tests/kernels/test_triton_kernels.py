@@ -1,0 +1,175 @@
+"""The Triton kernels (gemm, gemv) against the torch reference.
+
+By default they run in triton's CPU interpreter: TRITON_INTERPRET=1 is set below, before triton is
+imported. On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/kernels`` runs the compiled kernels.
+
+Shapes: K = 352 = 2*128 + 96, so the last K tile of both kernels is partial and the last group of 128 is
+short; N = 200 is not a multiple of any N tile. Interpreter tiles: gemm 32 x 128 x 128; gemv 128
+columns x 16 packed rows (a K tile of 64, 128 or 256 rows for 8, 4 or 2 bits) with SPLIT_K = 2, so the
+atomic split-K sum runs for every bit width. Group sizes 32 (a gather of scales per row) and 128 / -1
+(one scales row per tile for the 4- and 8-bit gemv and the gemm; a gather for the 2-bit gemv) reach
+both scale paths of both kernels.
+
+Tolerance: kernel and reference dequantize to the same W (checked bit for bit below, with x = identity)
+and both sum in fp32, so outputs agree to one rounding of the output dtype (rtol = eps, atol = eps *
+max|ref|). An off-by-one zero point or a wrong group changes outputs by ~100x that.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gptqlab.kernels import gptq_matmul, reference
+from gptqlab.kernels.gemm import gemm
+from gptqlab.kernels.gemv import gemv
+
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+
+K, N = 352, 200
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _operands(layer, device=DEVICE):
+    """(qweight, zeros, scales, bias) in the kernels' layout, zeros as uint8 like QuantLinear keeps them."""
+    return (
+        layer.qweight().to(device),
+        layer.zeros.to(torch.uint8).to(device),
+        layer.scales.to(device),
+        None if layer.bias is None else layer.bias.to(device),
+    )
+
+
+def _x(m, k, dtype, seed=1):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gemm_matches_reference(make_layer, assert_within_one_ulp, bits, group_size, m, dtype):
+    layer = make_layer(bits, K, N, group_size, seed=bits)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(m, K, dtype)
+    out = gemm(x, qweight, zeros, scales, bits, group_size, bias)
+    ref = reference.matmul_contiguous(x, qweight, zeros, scales, bits, group_size, bias)
+    assert_within_one_ulp(out, ref)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gemv_matches_reference(make_layer, assert_within_one_ulp, bits, group_size, m, dtype):
+    layer = make_layer(bits, K, N, group_size, seed=bits)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(m, K, dtype)
+    out = gemv(x, qweight, zeros, scales, bits, group_size, bias)
+    ref = reference.matmul_contiguous(x, qweight, zeros, scales, bits, group_size, bias)
+    assert_within_one_ulp(out, ref)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gemm_dequantizes_bit_exactly(make_layer, bits, dtype):
+    # x = I_K makes out = W: one nonzero product per output, exact in fp32, so any difference is in W
+    layer = make_layer(bits, K, N, 32, bias=False, seed=bits)
+    qweight, zeros, scales, _ = _operands(layer)
+    eye = torch.eye(K, dtype=dtype, device=DEVICE)
+    out = gemm(eye, qweight, zeros, scales, bits, 32)
+    assert torch.equal(out.cpu(), layer.weight().to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gemv_dequantizes_bit_exactly(make_layer, bits, m, dtype):
+    # rows of the identity from the last, partial K tile select rows of W exactly
+    layer = make_layer(bits, K, N, 128, bias=False, seed=bits)
+    qweight, zeros, scales, _ = _operands(layer)
+    rows = torch.arange(K - m, K)
+    x = torch.eye(K, dtype=dtype)[rows].to(DEVICE)
+    out = gemv(x, qweight, zeros, scales, bits, 128)
+    assert torch.equal(out.cpu(), layer.weight()[rows].to(dtype))
+
+
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_float32_activations_use_exact_dot(make_layer, m):
+    layer = make_layer(4, K, N, 128)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(m, K, torch.float32)
+    out = gptq_matmul(x, qweight, zeros, scales, 4, 128, bias, backend="triton")
+    ref = reference.matmul_contiguous(x, qweight, zeros, scales, 4, 128, bias)
+    # fp32 sums in another order: a few ulp of fp32 (tf32 would be off by ~1e-3 relative)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_without_bias_and_with_strided_x(make_layer, assert_within_one_ulp, m):
+    layer = make_layer(8, K, N, 32, bias=False)
+    qweight, zeros, scales, _ = _operands(layer)
+    wide = _x(m, 2 * K, torch.float16)
+    x = wide[:, ::2]  # stride (2K, 2)
+    out = gptq_matmul(x, qweight, zeros, scales, 8, 32, backend="triton")
+    ref = reference.matmul_contiguous(x, qweight, zeros, scales, 8, 32)
+    assert_within_one_ulp(out, ref)
+
+
+def test_gemv_split_without_work_adds_nothing(make_layer, assert_within_one_ulp):
+    # K = 256 is one 2-bit tile of 16 packed rows: the second of the two K slices has no tile
+    layer = make_layer(2, 256, N, 64)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(1, 256, torch.float16)
+    out = gemv(x, qweight, zeros, scales, 2, 64, bias)
+    assert_within_one_ulp(out, reference.matmul_contiguous(x, qweight, zeros, scales, 2, 64, bias))
+
+
+def test_dispatcher_flattens_leading_dims_and_picks_kernel(make_layer, assert_within_one_ulp):
+    layer = make_layer(4, K, N, 128)
+    qweight, zeros, scales, bias = _operands(layer)
+    for shape in [(2, 3, K), (5, 7, K)]:  # 6 rows: gemv; 35 rows: gemm
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(torch.float16).to(DEVICE)
+        out = gptq_matmul(x, qweight, zeros, scales, 4, 128, bias, backend="triton")
+        assert out.shape == (*shape[:-1], N)
+        ref = reference.matmul_contiguous(x, qweight, zeros, scales, 4, 128, bias)
+        assert_within_one_ulp(out, ref)
+
+
+def test_empty_batch_returns_empty(make_layer):
+    layer = make_layer(4, K, N, 128)
+    qweight, zeros, scales, bias = _operands(layer)
+    for kernel in (gemm, gemv):
+        out = kernel(torch.empty(0, K, dtype=torch.float16, device=DEVICE), qweight, zeros, scales, 4, 128, bias)
+        assert out.shape == (0, N) and out.dtype == torch.float16
+
+
+def test_kernels_reject_bad_operands_with_actionable_messages(make_layer, monkeypatch):
+    layer = make_layer(4, K, N, 128)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(2, K, torch.float16)
+    with pytest.raises(ValueError, match="K=320 columns"):
+        gemm(x[:, :320], qweight, zeros, scales, 4, 128)
+    with pytest.raises(ValueError, match=r"zeros must be an unpacked integer tensor \[G, N\] = \[3, 200\]"):
+        gemm(x, qweight, zeros[:, :100], scales, 4, 128)
+    with pytest.raises(ValueError, match=r"bias must have shape \[N\] = \[200\]"):
+        gemv(x, qweight, zeros, scales, 4, 128, bias[:10])
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gemv(_x(17, K, torch.float16), qweight, zeros, scales, 4, 128)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gemv(x, qweight, zeros.repeat(30, 1)[:88], scales.repeat(30, 1)[:88], 4, 4)
+    with pytest.raises(ValueError, match="no Triton kernel for 3-bit"):
+        gemm(x, torch.zeros(K * 3 // 32, N, dtype=torch.int32, device=DEVICE), zeros, scales, 3, 128)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        gemm(x.double(), qweight, zeros, scales, 4, 128)
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="need CUDA tensors"):
+            gemm(x, qweight, zeros, scales, 4, 128)
