@@ -32,6 +32,7 @@ def _note_fallback(reason: str) -> None:
     logger.info("gptqlab.kernels: %s; using the torch reference (correct, but dequantizes each call)", reason)
 
 
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
