@@ -84,3 +84,39 @@ def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """{'llama' | 'bloom' | 'qwen2': folder of a 2-layer random model with the tiny tokenizer}."""
     root = tmp_path_factory.mktemp("models")
     return {a: build_model(root / a, a, tokenizer_dir) for a in ("llama", "bloom", "qwen2")}
+
+
+def run_cli(argv) -> int:
+    """Run ``gptqlab ARGV`` in-process; returns the exit code."""
+    from gptqlab.cli import main
+
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def dequantized_reference(model_dir, checkpoint_dir, bits: int, fmt: str = "gptq"):
+    """The original float32 model with every quantized Linear's weight replaced by the weight that the
+    checkpoint in ``checkpoint_dir`` represents (decoded by gptqlab.format.from_checkpoint), and every other
+    parameter rounded to fp16 as the checkpoint stores it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from gptqlab.format import from_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for p in model.parameters():
+        p.data = p.data.half().float()
+    tensors = {}
+    for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    replaced = 0
+    for name, mod in model.named_modules():
+        if f"{name}.qweight" in tensors:
+            t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+            mod.weight.data = from_checkpoint(t, bits, fmt).Q
+            replaced += 1
+    assert replaced > 0
+    return model.eval()

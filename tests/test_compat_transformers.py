@@ -5,30 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import dequantized_reference
 
 from gptqlab.cli import main
-from gptqlab.format import from_checkpoint
 
 pytest.importorskip("gptqmodel")
 pytest.importorskip("optimum")
-
-
-def dequantized_reference(model_dir, out, bits):
-    """The original model with every quantized Linear's weight replaced by the checkpoint's dequantized
-    weight, in float32."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tensors = load_file(out / "model.safetensors")
-    replaced = 0
-    for name, mod in model.named_modules():
-        if f"{name}.qweight" in tensors:
-            t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-            mod.weight.data = from_checkpoint(t, bits, "gptq").Q
-            replaced += 1
-    assert replaced > 0
-    return model.eval()
 
 
 @pytest.mark.parametrize(("arch", "extra"), [("llama", []), ("llama", ["--act-order"]), ("qwen2", ["--bits", "8"])])
