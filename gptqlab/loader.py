@@ -123,9 +123,13 @@ def load(
         layer = _build_qlinear(name, lin, weights, qc, dev, dtype)
         layer.backend = backend
         _set_module(model, name, layer)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None and getattr(model.config, "tie_word_embeddings", False):
+        # meta_parameters() broke the tie; restore it so materialize loads the shared weight once, by the
+        # input embedding's name (a tied checkpoint stores no lm_head.weight)
+        out_emb.weight = in_emb.weight
     if any(p.device.type == "meta" for p in model.parameters()):
         materialize(model, "", weights, dev, dtype)
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     if out_emb is not None and out_emb.weight.device.type == "meta":
         out_emb.weight = in_emb.weight
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
