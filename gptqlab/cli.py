@@ -124,6 +124,10 @@ def quantize(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning GptqlabError into a one-line message and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Optional packages that transformers imports when present (torchao, pulled in by GPTQModel) log
+    # warnings about their own builds on import; they say nothing about the user's run.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         app(args=argv, standalone_mode=False)
     except GptqlabError as exc:
