@@ -10,6 +10,7 @@ block touch only the block, and the rest of W is updated once per block with one
 from __future__ import annotations
 
 import torch
+
 from gptqlab.quant.config import QuantConfig
 from gptqlab.quant.quantizer import choose_qparams, dequantize, quantize
 from gptqlab.quant.result import QuantResult, dequantize_codes, weighted_error

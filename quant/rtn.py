@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from gptqlab.quant.config import QuantConfig
 from gptqlab.quant.quantizer import choose_qparams, quantize
 from gptqlab.quant.result import QuantResult, dequantize_codes, weighted_error

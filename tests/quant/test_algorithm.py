@@ -1,8 +1,8 @@
 import pytest
 import torch
-from gptqlab.quant import NumericalError, QuantConfig, dequantize_codes, gptq, inverse_hessian_cholesky, rtn
 
 from gptqlab.errors import ConfigError
+from gptqlab.quant import NumericalError, QuantConfig, dequantize_codes, gptq, inverse_hessian_cholesky, rtn
 
 
 def correlated_problem(K=256, N=48, n=2048, seed=0):

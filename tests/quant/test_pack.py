@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from gptqlab.quant.pack import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
 
