@@ -6,7 +6,7 @@ of its built-in corpora (never on held-out text):
 
 1. A byte-level BPE tokenizer (``VOCAB_SIZE`` ids, shared by both models) is trained on that text.
 2. The text is cut into documents of ``DOC_PARAGRAPHS`` paragraphs joined by newlines (the way
-   :func:`gptqlab.evaluate.builtin_eval_text` joins held-out text), each ``<s> … </s>``, and the
+   :func:`gptqlab.calib.load_eval_text` joins held-out text), each ``<s> … </s>``, and the
    token stream is cut into training sequences.
 3. The model trains with AdamW for a wall-clock budget: the learning rate follows a linear warmup and a
    cosine decay over the fraction of the budget used, so it reaches its floor when time is up however busy
@@ -47,9 +47,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
+from gptqlab.calib import BUILTIN_SOURCES, builtin_texts, load_calibration, load_eval_text
+from gptqlab.driver import quantize_model
 from gptqlab.embedded import EMBEDDED_MODELS, models_dir
-from gptqlab.evaluate import PerplexityResult, builtin_eval_text, perplexity
+from gptqlab.evaluate import PerplexityResult, perplexity
 from gptqlab.quant.config import QuantConfig
 from gptqlab.quant.rtn import rtn
 
@@ -60,8 +61,9 @@ DOC_PARAGRAPHS = 50
 TRAIN_SOURCES = BUILTIN_SOURCES  # calibration splits only
 EVAL_SEQLEN = 512
 EVAL_BATCH = 8  # windows per forward pass while measuring
-SLICE = {"source": "peoples-daily", "split": "heldout", "max_chars": 20_000, "seqlen": 256}  # checked by tests
+SLICE = {"text": "peoples-daily-heldout", "max_chars": 20_000, "seqlen": 256}  # checked by tests
 QUALITY_BAR = {"bits": 3, "group_size": 128, "min_ppl_rise": 0.05}
+GPTQ_CALIBRATION = {"spec": "peoples-daily", "nsamples": 64, "seqlen": 512, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,12 @@ class TrainConfig:
     steps: int | None = None
     batch_size: int = 8
     seqlen: int = 512
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: float = 0.03
     weight_decay: float = 0.1
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     bf16: bool = True
 
     def __post_init__(self) -> None:
@@ -152,7 +154,7 @@ def build_model(name: str, max_length: int) -> torch.nn.Module:
         cfg = LlamaConfig(
             hidden_size=256,
             intermediate_size=768,
-            num_hidden_layers=6,
+            num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=max_length,
@@ -161,7 +163,7 @@ def build_model(name: str, max_length: int) -> torch.nn.Module:
         )
         return LlamaForCausalLM(cfg)
     # BLOOM: ALiBi positions, fused query_key_value, MLP 4 × hidden = 1024
-    cfg = BloomConfig(hidden_size=256, n_layer=6, n_head=4, tie_word_embeddings=True, **common)
+    cfg = BloomConfig(hidden_size=256, n_layer=4, n_head=4, tie_word_embeddings=True, **common)
     return BloomForCausalLM(cfg)
 
 
@@ -239,30 +241,68 @@ def rtn_fake_quantize_(model: torch.nn.Module, bits: int, group_size: int) -> in
 
 def slice_perplexity(model, tokenizer) -> PerplexityResult:
     """Perplexity on ``SLICE``, the quick check that ``tests/test_embedded.py`` repeats."""
-    text = builtin_eval_text(SLICE["source"], SLICE["split"], SLICE["max_chars"])
+    text = load_eval_text(SLICE["text"])[1][: SLICE["max_chars"]]
     return perplexity(model, tokenizer, text, SLICE["seqlen"], progress=False, batch_size=EVAL_BATCH)
 
 
-def measure(model: torch.nn.Module, tokenizer) -> dict:
-    """The test slice, held-out perplexity of every source, and the same after 3-bit RTN (which is applied
-    to ``model`` in place)."""
-    result = {"slice": {**SLICE, **slice_perplexity(model, tokenizer).to_dict()}}
-    texts = {source: builtin_eval_text(source, "heldout") for source in BUILTIN_SOURCES}
-    result["heldout"] = {
-        s: perplexity(model, tokenizer, t, EVAL_SEQLEN, batch_size=EVAL_BATCH).to_dict() for s, t in texts.items()
+def heldout_perplexity(model, tokenizer) -> dict[str, PerplexityResult]:
+    """Perplexity on the held-out split of every built-in source at ``EVAL_SEQLEN``."""
+    return {
+        s: perplexity(model, tokenizer, load_eval_text(f"{s}-heldout")[1], EVAL_SEQLEN, batch_size=EVAL_BATCH)
+        for s in BUILTIN_SOURCES
+    }
+
+
+def gptq_quantize_(model: torch.nn.Module, tokenizer, bits: int, group_size: int) -> int:
+    """Quantize every decoder Linear with GPTQ through :func:`gptqlab.driver.quantize_model`, in place (the
+    weights become their dequantized values). Returns the number of Linears quantized."""
+    c = GPTQ_CALIBRATION
+    calib = load_calibration(c["spec"], tokenizer, c["nsamples"], c["seqlen"], c["seed"])
+    qcfg = QuantConfig(bits=bits, group_size=group_size, sym=False, checkpoint_format="gptq_v2")
+    return len(quantize_model(model, calib.input_ids, qcfg, method="gptq"))
+
+
+def measure(folder: Path) -> dict:
+    """The test slice, held-out perplexity of every source, and the same after 3-bit RTN and GPTQ."""
+    model, tokenizer = load(folder)
+    base = heldout_perplexity(model, tokenizer)
+    result = {
+        "slice": {**SLICE, **slice_perplexity(model, tokenizer).to_dict()},
+        "heldout": {s: r.to_dict() for s, r in base.items()},
     }
     bits, gs = QUALITY_BAR["bits"], QUALITY_BAR["group_size"]
-    n_linear = rtn_fake_quantize_(model, bits, gs)
-    rtn_result = {}
-    for source, text in texts.items():
-        q = perplexity(model, tokenizer, text, EVAL_SEQLEN, batch_size=EVAL_BATCH)
-        rtn_result[source] = {
-            "ppl": q.ppl,
-            "bits_per_char": q.bits_per_char,
-            "rise": q.ppl / result["heldout"][source]["ppl"] - 1,
-        }
-    result["rtn"] = {"bits": bits, "group_size": gs, "sym": False, "linears": n_linear, **rtn_result}
-    result["quality_bar_met"] = all(r["rise"] > QUALITY_BAR["min_ppl_rise"] for r in rtn_result.values())
+    n_rtn = rtn_fake_quantize_(model, bits, gs)
+    rtn_ppl = heldout_perplexity(model, tokenizer)
+    result["rtn"] = {
+        "bits": bits,
+        "group_size": gs,
+        "sym": False,
+        "linears": n_rtn,
+        **{
+            s: {"ppl": r.ppl, "bits_per_char": r.bits_per_char, "rise": r.ppl / base[s].ppl - 1}
+            for s, r in rtn_ppl.items()
+        },
+    }
+    model, tokenizer = load(folder)
+    n_gptq = gptq_quantize_(model, tokenizer, bits, gs)
+    gptq_ppl = heldout_perplexity(model, tokenizer)
+    result["gptq"] = {
+        "bits": bits,
+        "group_size": gs,
+        "sym": False,
+        "linears": n_gptq,
+        "calibration": GPTQ_CALIBRATION,
+        **{
+            s: {
+                "ppl": r.ppl,
+                "bits_per_char": r.bits_per_char,
+                "rise": r.ppl / base[s].ppl - 1,
+                "recovered": (rtn_ppl[s].ppl - r.ppl) / (rtn_ppl[s].ppl - base[s].ppl),  # of RTN's rise
+            }
+            for s, r in gptq_ppl.items()
+        },
+    }
+    result["quality_bar_met"] = all(result["rtn"][s]["rise"] > QUALITY_BAR["min_ppl_rise"] for s in base)
     return result
 
 
@@ -275,6 +315,11 @@ def save(model, tokenizer, folder: Path) -> None:
     copy.deepcopy(model).to(torch.float16).save_pretrained(folder, safe_serialization=True)
     GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=64).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # transformers 5 writes its own class name, which transformers 4 cannot load; both know this one
+    config_path = folder / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
 
 
 def architecture_line(c) -> str:
@@ -293,11 +338,17 @@ def architecture_line(c) -> str:
 
 def write_card(folder: Path, config, cfg: TrainConfig, info: dict, ev: dict) -> None:
     """The model card, from the training record and the measurements."""
+    rtn_, gptq_ = ev["rtn"], ev["gptq"]
     rows = "\n".join(
         f"| {s} | {r['tokens']:,} | {r['chars']:,} | {r['ppl']:.2f} | {r['bits_per_char']:.4f} |"
-        f" {ev['rtn'][s]['ppl']:.2f} (+{100 * ev['rtn'][s]['rise']:.1f} %) |"
+        f" {rtn_[s]['ppl']:.2f} (+{100 * rtn_[s]['rise']:.1f} %) |"
+        f" {gptq_[s]['ppl']:.2f} (+{100 * gptq_[s]['rise']:.1f} %, {100 * gptq_[s]['recovered']:.0f} % of RTN's rise"
+        " recovered) |"
         for s, r in ev["heldout"].items()
     )
+    gc = gptq_["calibration"]
+    setting = f"w{rtn_['bits']} g{rtn_['group_size']}"
+    header = f"| held-out split | tokens | characters | perplexity | bits / char | RTN {setting} | GPTQ {setting} |"
     sl = ev["slice"]
     facts = [
         ("Architecture", architecture_line(config)),
@@ -329,7 +380,6 @@ def write_card(folder: Path, config, cfg: TrainConfig, info: dict, ev: dict) -> 
         ("Trained", f"{info['date']} on {info['machine']}"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in facts)
-    q = ev["rtn"]
     text = f"""# {cfg.model}
 
 A small Chinese causal language model trained from scratch by `python -m gptqlab.benchmarks.train_embedded
@@ -345,19 +395,20 @@ downloaded. It is a test subject, not a useful language model.
 Measured {info["date"]} on {info["machine"]} with `gptqlab.evaluate.perplexity`, seqlen {EVAL_SEQLEN}, disjoint
 windows, on the held-out splits (paragraphs joined by newlines), from the saved float16 weights run in
 float32. Bits per character are the total negative log-likelihood in bits over the characters of the text.
-The last column fake-quantizes every decoder Linear with round-to-nearest, {q["bits"]} bits, asymmetric
-min/max per group of {q["group_size"]} input channels ({q["linears"]} Linears; the tied output head is kept).
+The last two columns quantize every decoder Linear ({rtn_["linears"]} of them; the tied output head is kept) to
+{rtn_["bits"]} bits, asymmetric, one scale and zero per group of {rtn_["group_size"]} input channels, and run the
+dequantized weights: RTN rounds each weight to the nearest level of its group's min/max grid
+(`gptqlab.quant.rtn`); GPTQ runs `gptqlab.driver.quantize_model` (true-sequential, no act-order) on
+{gc["nsamples"]} × {gc["seqlen"]} calibration tokens from `{gc["spec"]}` (its calibration split, seed {gc["seed"]}).
 
-| held-out split | tokens | characters | perplexity | bits / char | RTN w{q["bits"]} g{q["group_size"]} perplexity |
-|---|---|---|---|---|---|
+{header}
+|---|---|---|---|---|---|---|
 {rows}
-
-GPTQ: not measured here; the quantization benchmarks report it.
 
 ## Test slice
 
 `eval.json` holds the numbers above and a quick check that `tests/test_embedded.py` repeats: the first
-{sl["max_chars"]:,} characters of the `{sl["source"]}` {sl["split"]} split at seqlen {sl["seqlen"]}: perplexity
+{sl["max_chars"]:,} characters of `{sl["text"]}` at seqlen {sl["seqlen"]}: perplexity
 {sl["ppl"]:.3f} ({sl["ppl_before_fp16"]:.3f} with the trained float32 weights before saving in float16).
 `train_log.json` has the loss of every step.
 """
@@ -376,6 +427,7 @@ def write_index(root: Path) -> None:
                 f"| [{name}]({name}/README.md) | {ev['architecture']} | {ev['parameters'] / 1e6:.2f} M |"
                 f" {pd_['ppl']:.1f} / {pd_['bits_per_char']:.3f} | {rv['ppl']:.1f} / {rv['bits_per_char']:.3f} |"
                 f" +{100 * ev['rtn']['peoples-daily']['rise']:.1f} % |"
+                f" +{100 * ev['gptq']['peoples-daily']['rise']:.1f} % |"
             )
     text = f"""# Embedded models
 
@@ -383,11 +435,12 @@ Small Chinese models trained from scratch on the calibration splits of the built
 `python -m gptqlab.benchmarks.train_embedded`, so that quantizers can be compared offline. Load one by name:
 `AutoModelForCausalLM.from_pretrained(gptqlab.embedded.resolve_model("tiny-zh-llama"))`.
 
-Held-out perplexity / bits per character at seqlen {EVAL_SEQLEN}; the last column is the perplexity rise on
-`peoples-daily` when every decoder Linear is rounded to 3 bits (group size 128). Details in each card.
+Held-out perplexity / bits per character at seqlen {EVAL_SEQLEN}; the last columns are the perplexity rise on
+`peoples-daily` when every decoder Linear is quantized to 3 bits (group size 128) by round-to-nearest and by
+GPTQ. Details in each card.
 
-| model | architecture | parameters | peoples-daily | reviews | RTN w3 g128 |
-|---|---|---|---|---|---|
+| model | architecture | parameters | peoples-daily | reviews | RTN w3 g128 | GPTQ w3 g128 |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
     (root / "README.md").write_text(text, encoding="utf-8")
@@ -396,23 +449,38 @@ Held-out perplexity / bits per character at seqlen {EVAL_SEQLEN}; the last colum
 # ---------------------------------------------------------------------------------------------- main
 
 
-def train_model(cfg: TrainConfig, out: Path) -> Path:
-    """Train one model and save it with its tokenizer and ``train_log.json``; returns its folder."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+@dataclass(frozen=True)
+class TrainingData:
+    """The tokenizer trained on the training text, and that text as one token stream [n]."""
+
+    tokenizer: PreTrainedTokenizerFast
+    stream: torch.Tensor
+    stats: dict
+
+
+def prepare_data(max_length: int) -> TrainingData:
+    """Train the tokenizer and tokenize the training text (both models share the result)."""
     docs = training_documents()
-    tokenizer = train_tokenizer(docs, max_length=2 * cfg.seqlen)
+    tokenizer = train_tokenizer(docs, max_length)
     stream = token_stream(tokenizer, docs)
-    data = {
+    chars = sum(len(d) for d in docs)
+    stats = {
         "sources": list(TRAIN_SOURCES),
         "split": "calibration",
         "documents": len(docs),
-        "chars": sum(len(d) for d in docs),
+        "chars": chars,
         "tokens": len(stream),
+        "tokens_per_char": (len(stream) - 2 * len(docs)) / chars,  # without <s> and </s>
     }
-    data["tokens_per_char"] = (len(stream) - 2 * len(docs)) / data["chars"]  # without <s> and </s>
-    print(f"{cfg.model}: {data['documents']} documents, {data['chars']:,} characters, {data['tokens']:,} tokens")
+    print(f"training text: {len(docs)} documents, {chars:,} characters, {len(stream):,} tokens")
+    return TrainingData(tokenizer, stream, stats)
 
+
+def train_model(cfg: TrainConfig, data: TrainingData, out: Path) -> Path:
+    """Train one model and save it with its tokenizer and ``train_log.json``; returns its folder."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer, stream = data.tokenizer, data.stream
     model = build_model(cfg.model, max_length=2 * cfg.seqlen)
     start = time.perf_counter()
     log = train(model, stream, cfg)
@@ -423,7 +491,7 @@ def train_model(cfg: TrainConfig, out: Path) -> Path:
         "config": asdict(cfg),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()} CPU, {cfg.threads} threads of {os.cpu_count()} cores",
-        "data": data,
+        "data": data.stats,
         "train_seconds": train_seconds,
         "slice_ppl_before_fp16": slice_perplexity(model.eval(), tokenizer).ppl,  # the float32 weights
         "log": log,
@@ -437,7 +505,7 @@ def describe(folder: Path) -> dict:
     record = json.loads((folder / "train_log.json").read_text())
     cfg, log, data = TrainConfig(**record["config"]), record["log"], record["data"]
     torch.set_num_threads(cfg.threads)
-    model, tokenizer = load(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
     info = {
         "model": cfg.model,
         "architecture": type(model).__name__,
@@ -455,7 +523,7 @@ def describe(folder: Path) -> dict:
         "date": record["date"],
         "machine": record["machine"],
     }
-    ev = {**info, **measure(model, tokenizer)}
+    ev = {**info, **measure(folder)}
     ev["slice"]["ppl_before_fp16"] = record["slice_ppl_before_fp16"]
     (folder / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
     write_card(folder, model.config, cfg, info, ev)
@@ -494,9 +562,15 @@ def main(argv: list[str] | None = None) -> None:
         default=512,
         help="tokens per training sequence (default 512); the model context is twice this",
     )
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a 2-core machine shared with other jobs, 2 threads ran 4x slower "
+        "than 1 because each thread waits for the other at every barrier)",
+    )
     p.add_argument("--fp32", action="store_true", help="train in float32 instead of bfloat16 autocast")
     p.add_argument(
         "--out", type=Path, default=models_dir(), help="output folder (default: the package's models/ folder)"
@@ -508,6 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     names = list(EMBEDDED_MODELS) if args.model == "all" else [args.model]
+    torch.set_num_threads(args.threads)
+    data = None if args.measure_only else prepare_data(max_length=2 * args.seqlen)
     for name in names:
         cfg = TrainConfig(
             model=name,
@@ -520,11 +596,12 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             bf16=not args.fp32,
         )
-        folder = args.out / name if args.measure_only else train_model(cfg, args.out)
+        folder = args.out / name if data is None else train_model(cfg, data, args.out)
         ev = describe(folder)
         print(
             json.dumps(
-                {k: ev[k] for k in ("model", "parameters", "steps", "train_seconds", "heldout", "rtn")}, indent=1
+                {k: ev[k] for k in ("model", "parameters", "steps", "train_seconds", "heldout", "rtn", "gptq")},
+                indent=1,
             )
         )
 

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from gptqlab.calib.sources import builtin_texts
 from gptqlab.errors import ConfigError
 
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
@@ -47,12 +46,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def builtin_eval_text(source: str, split: str = "heldout", max_chars: int | None = None) -> str:
-    """A built-in source's paragraphs joined by newlines, cut to the first ``max_chars`` characters."""
-    text = "\n".join(builtin_texts(source, split))
-    return text if max_chars is None else text[:max_chars]
 
 
 def model_context_length(config) -> int | None:
