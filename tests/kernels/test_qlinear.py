@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from synth_layers import assert_within_one_ulp, make_layer, patch_interpreter_bf16
 
 from gptqlab import kernels
 from gptqlab.errors import CheckpointError
@@ -26,6 +27,11 @@ if not INTERPRETED and not torch.cuda.is_available():
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 K, N = 256, 160  # N: a multiple of 32 (3-bit qzeros), not of any kernel's N tile
+
+
+@pytest.fixture(autouse=True)
+def _bf16_like_gpu(monkeypatch):
+    patch_interpreter_bf16(monkeypatch)
 
 
 def _load(layer, file_offset=1, backend="auto", **changes):
@@ -54,7 +60,7 @@ def _reference(layer, x):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_v1_and_v2_zero_offsets_give_identical_outputs(make_layer, assert_within_one_ulp, bits, backend):
+def test_v1_and_v2_zero_offsets_give_identical_outputs(bits, backend):
     layer = make_layer(bits, K, N, 64, seed=bits)
     v1, v2 = _load(layer, 1, backend), _load(layer, 0, backend)
     assert torch.equal(v1.zeros.cpu(), layer.zeros.to(torch.uint8)) and torch.equal(v1.zeros, v2.zeros)
@@ -69,7 +75,7 @@ def test_v1_and_v2_zero_offsets_give_identical_outputs(make_layer, assert_within
 @pytest.mark.parametrize("m", [1, 33])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_act_order_reordering_matches_unreordered_reference(make_layer, assert_within_one_ulp, bits, group_size, m):
+def test_act_order_reordering_matches_unreordered_reference(bits, group_size, m):
     layer = make_layer(bits, K, N, group_size, act_order=True, seed=bits)
     lin = _load(layer, backend="triton")
     assert lin.perm is not None and lin.g_idx is None
@@ -81,7 +87,7 @@ def test_act_order_reordering_matches_unreordered_reference(make_layer, assert_w
 @needs_triton
 @pytest.mark.parametrize("m", [1, 33])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_bfloat16_activations(make_layer, assert_within_one_ulp, act_order, m):
+def test_bfloat16_activations(act_order, m):
     layer = make_layer(4, K, N, 128, act_order=act_order)
     lin = _load(layer, backend="triton")
     x = _x(m, torch.bfloat16)
@@ -91,7 +97,7 @@ def test_bfloat16_activations(make_layer, assert_within_one_ulp, act_order, m):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_unequal_groups_keep_the_general_g_idx_path(make_layer, backend):
+def test_unequal_groups_keep_the_general_g_idx_path(backend):
     layer = make_layer(4, K, N, 64)
     # groups of 100, 28, 64 and 64 rows, shuffled: no permutation makes them k // 64
     layer.g_idx = torch.tensor([0] * 100 + [1] * 28 + [2] * 64 + [3] * 64, dtype=torch.int32)[torch.randperm(K)]
@@ -103,7 +109,7 @@ def test_unequal_groups_keep_the_general_g_idx_path(make_layer, backend):
 
 
 @pytest.mark.parametrize("bits, max_ratio", [(2, 0.145), (3, 0.21), (4, 0.27), (8, 0.52)])
-def test_weights_stay_packed(make_layer, bits, max_ratio):
+def test_weights_stay_packed(bits, max_ratio):
     k, n, gs = 1024, 512, 128
     lin = _load(make_layer(bits, k, n, gs, act_order=True))
     g = k // gs
@@ -114,7 +120,7 @@ def test_weights_stay_packed(make_layer, bits, max_ratio):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_three_bit_falls_back_to_the_reference(make_layer, assert_within_one_ulp, caplog, backend):
+def test_three_bit_falls_back_to_the_reference(caplog, backend):
     layer = make_layer(3, K, N, 128, act_order=True)
     lin = _load(layer, backend=backend)
     kernels._note_fallback.cache_clear()  # each reason is logged once per process
@@ -126,7 +132,7 @@ def test_three_bit_falls_back_to_the_reference(make_layer, assert_within_one_ulp
         assert "no Triton kernel for 3-bit weights" in caplog.text
 
 
-def test_v1_eight_bit_zero_of_256_is_kept(make_layer):
+def test_v1_eight_bit_zero_of_256_is_kept():
     # a v1 file can store 0xFF for an 8-bit zero; readers add 1, giving 256, which needs int16
     layer = make_layer(8, K, N, 128)
     layer.zeros[0, :5] = 256
@@ -136,14 +142,14 @@ def test_v1_eight_bit_zero_of_256_is_kept(make_layer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_forward_keeps_dtype_and_leading_dims(make_layer, dtype):
+def test_forward_keeps_dtype_and_leading_dims(dtype):
     lin = _load(make_layer(4, K, N, 128), backend="torch")
     x = torch.randn(2, 3, K).to(dtype).to(DEVICE)
     out = lin(x)
     assert out.shape == (2, 3, N) and out.dtype == dtype
 
 
-def test_all_zero_bias_is_dropped(make_layer):
+def test_all_zero_bias_is_dropped():
     layer = make_layer(4, K, N, 128)
     assert _load(layer, bias=torch.zeros(N, dtype=torch.float16)).bias is None
     assert _load(layer, bias=None).bias is None
@@ -165,13 +171,13 @@ def test_all_zero_bias_is_dropped(make_layer):
         ({"bits": 5}, r"bits must be one of"),
     ],
 )
-def test_bad_checkpoint_tensors_raise_checkpoint_error(make_layer, changes, message):
+def test_bad_checkpoint_tensors_raise_checkpoint_error(changes, message):
     layer = make_layer(4, K, N, 128)
     with pytest.raises(CheckpointError, match=message):
         _load(layer, **changes)
 
 
-def test_bad_input_and_backend_raise_value_error(make_layer):
+def test_bad_input_and_backend_raise_value_error():
     lin = _load(make_layer(4, K, N, 128))
     with pytest.raises(ValueError, match="expected input with 256 features"):
         lin(_x(2, k=K + 8))

@@ -24,6 +24,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from synth_layers import assert_within_one_ulp, make_layer, patch_interpreter_bf16
+
 from gptqlab.kernels import gptq_matmul, reference
 from gptqlab.kernels.gemm import gemm
 from gptqlab.kernels.gemv import gemv
@@ -35,6 +37,11 @@ if not INTERPRETED and not torch.cuda.is_available():
 
 K, N = 352, 200
 HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _bf16_like_gpu(monkeypatch):
+    patch_interpreter_bf16(monkeypatch)
 
 
 def _operands(layer, device=DEVICE):
@@ -55,7 +62,7 @@ def _x(m, k, dtype, seed=1):
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_gemm_matches_reference(make_layer, assert_within_one_ulp, bits, group_size, m, dtype):
+def test_gemm_matches_reference(bits, group_size, m, dtype):
     layer = make_layer(bits, K, N, group_size, seed=bits)
     qweight, zeros, scales, bias = _operands(layer)
     x = _x(m, K, dtype)
@@ -68,7 +75,7 @@ def test_gemm_matches_reference(make_layer, assert_within_one_ulp, bits, group_s
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_gemv_matches_reference(make_layer, assert_within_one_ulp, bits, group_size, m, dtype):
+def test_gemv_matches_reference(bits, group_size, m, dtype):
     layer = make_layer(bits, K, N, group_size, seed=bits)
     qweight, zeros, scales, bias = _operands(layer)
     x = _x(m, K, dtype)
@@ -79,7 +86,7 @@ def test_gemv_matches_reference(make_layer, assert_within_one_ulp, bits, group_s
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_gemm_dequantizes_bit_exactly(make_layer, bits, dtype):
+def test_gemm_dequantizes_bit_exactly(bits, dtype):
     # x = I_K makes out = W: one nonzero product per output, exact in fp32, so any difference is in W
     layer = make_layer(bits, K, N, 32, bias=False, seed=bits)
     qweight, zeros, scales, _ = _operands(layer)
@@ -91,7 +98,7 @@ def test_gemm_dequantizes_bit_exactly(make_layer, bits, dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_gemv_dequantizes_bit_exactly(make_layer, bits, m, dtype):
+def test_gemv_dequantizes_bit_exactly(bits, m, dtype):
     # rows of the identity from the last, partial K tile select rows of W exactly
     layer = make_layer(bits, K, N, 128, bias=False, seed=bits)
     qweight, zeros, scales, _ = _operands(layer)
@@ -102,7 +109,7 @@ def test_gemv_dequantizes_bit_exactly(make_layer, bits, m, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 3, 33])
-def test_float32_activations_use_exact_dot(make_layer, m):
+def test_float32_activations_use_exact_dot(m):
     layer = make_layer(4, K, N, 128)
     qweight, zeros, scales, bias = _operands(layer)
     x = _x(m, K, torch.float32)
@@ -113,7 +120,7 @@ def test_float32_activations_use_exact_dot(make_layer, m):
 
 
 @pytest.mark.parametrize("m", [1, 3, 33])
-def test_without_bias_and_with_strided_x(make_layer, assert_within_one_ulp, m):
+def test_without_bias_and_with_strided_x(m):
     layer = make_layer(8, K, N, 32, bias=False)
     qweight, zeros, scales, _ = _operands(layer)
     wide = _x(m, 2 * K, torch.float16)
@@ -123,7 +130,7 @@ def test_without_bias_and_with_strided_x(make_layer, assert_within_one_ulp, m):
     assert_within_one_ulp(out, ref)
 
 
-def test_gemv_split_without_work_adds_nothing(make_layer, assert_within_one_ulp):
+def test_gemv_split_without_work_adds_nothing():
     # K = 256 is one 2-bit tile of 16 packed rows: the second of the two K slices has no tile
     layer = make_layer(2, 256, N, 64)
     qweight, zeros, scales, bias = _operands(layer)
@@ -132,7 +139,7 @@ def test_gemv_split_without_work_adds_nothing(make_layer, assert_within_one_ulp)
     assert_within_one_ulp(out, reference.matmul_contiguous(x, qweight, zeros, scales, 2, 64, bias))
 
 
-def test_dispatcher_flattens_leading_dims_and_picks_kernel(make_layer, assert_within_one_ulp):
+def test_dispatcher_flattens_leading_dims_and_picks_kernel():
     layer = make_layer(4, K, N, 128)
     qweight, zeros, scales, bias = _operands(layer)
     for shape in [(2, 3, K), (5, 7, K)]:  # 6 rows: gemv; 35 rows: gemm
@@ -143,7 +150,7 @@ def test_dispatcher_flattens_leading_dims_and_picks_kernel(make_layer, assert_wi
         assert_within_one_ulp(out, ref)
 
 
-def test_empty_batch_returns_empty(make_layer):
+def test_empty_batch_returns_empty():
     layer = make_layer(4, K, N, 128)
     qweight, zeros, scales, bias = _operands(layer)
     for kernel in (gemm, gemv):
@@ -151,7 +158,7 @@ def test_empty_batch_returns_empty(make_layer):
         assert out.shape == (0, N) and out.dtype == torch.float16
 
 
-def test_kernels_reject_bad_operands_with_actionable_messages(make_layer, monkeypatch):
+def test_kernels_reject_bad_operands_with_actionable_messages(monkeypatch):
     layer = make_layer(4, K, N, 128)
     qweight, zeros, scales, bias = _operands(layer)
     x = _x(2, K, torch.float16)

@@ -1,11 +1,14 @@
-"""Fixtures for the kernel tests: synthetic GPTQ layers with a known weight, a tolerance check, and a
-patch that makes triton's CPU interpreter handle bfloat16 the way the GPU does."""
+"""Helpers for the kernel tests: synthetic GPTQ layers with a known weight, a tolerance check, and a
+patch that makes triton's CPU interpreter handle bfloat16 the way the GPU does.
+
+A plain module rather than a conftest.py: other tests do ``from conftest import ...``, and a second
+rootless conftest module would shadow theirs in ``sys.modules``.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -64,7 +67,7 @@ class SynthLayer:
         }
 
 
-def _make_layer(
+def make_layer(
     bits: int,
     in_features: int,
     out_features: int,
@@ -89,12 +92,7 @@ def _make_layer(
     return SynthLayer(codes, zeros, scales, g_idx, b, bits, group_size)
 
 
-@pytest.fixture
-def make_layer() -> Callable[..., SynthLayer]:
-    return _make_layer
-
-
-def _assert_within_one_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
+def assert_within_one_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
     """Kernel vs reference: both use the same W in x.dtype and sum in fp32, differing only in the order
     of the sum, so the outputs agree to one rounding of x.dtype: rtol = eps, atol = eps * max|ref|."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
@@ -103,14 +101,8 @@ def _assert_within_one_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, rtol=eps, atol=eps * scale)
 
 
-@pytest.fixture
-def assert_within_one_ulp() -> Callable[[torch.Tensor, torch.Tensor], None]:
-    return _assert_within_one_ulp
-
-
-@pytest.fixture(autouse=True)
-def bf16_like_gpu_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Under TRITON_INTERPRET=1, patch two bfloat16 gaps of triton's interpreter for the test's duration.
+def patch_interpreter_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under TRITON_INTERPRET=1, patch two bfloat16 gaps of triton's interpreter (undone by monkeypatch).
 
     The interpreter stores bf16 as raw uint16, so its ``tl.dot`` multiplies bit patterns
     (triton-lang/triton#11584; bf16 is documented as unsupported there), and its fp32 -> bf16 cast
@@ -118,7 +110,6 @@ def bf16_like_gpu_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[No
     interpreter compute what the GPU computes. Nothing is patched for compiled kernels.
     """
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        yield
         return
     import numpy as np
     import triton.language as tl
@@ -144,4 +135,3 @@ def bf16_like_gpu_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[No
 
     monkeypatch.setattr(builder, "create_dot", create_dot)
     monkeypatch.setattr(builder, "cast_impl", cast_impl)
-    yield

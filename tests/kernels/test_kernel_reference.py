@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from synth_layers import make_layer
 
 from gptqlab import kernels
 from gptqlab.kernels import backend_for, gptq_matmul, kernel_for, reference
@@ -11,7 +12,7 @@ from gptqlab.kernels import backend_for, gptq_matmul, kernel_for, reference
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_dequantize_is_exact(make_layer, bits, act_order):
+def test_dequantize_is_exact(bits, act_order):
     layer = make_layer(bits, 256, 96, 64, act_order=act_order, seed=bits)
     w = reference.dequantize(layer.qweight(), layer.zeros, layer.scales, layer.g_idx, bits, torch.float32)
     assert torch.equal(w, layer.weight())
@@ -20,7 +21,7 @@ def test_dequantize_is_exact(make_layer, bits, act_order):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_matmul_is_close_to_float64(make_layer, dtype):
+def test_matmul_is_close_to_float64(dtype):
     layer = make_layer(4, 256, 96, 128, act_order=True)
     x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
     out = reference.matmul(x, layer.qweight(), layer.zeros, layer.scales, layer.g_idx, 4, layer.bias)
@@ -36,7 +37,7 @@ def test_contiguous_g_idx():
     assert reference.contiguous_g_idx(6, -1).tolist() == [0] * 6
 
 
-def test_reference_rejects_mismatched_g_idx(make_layer):
+def test_reference_rejects_mismatched_g_idx():
     layer = make_layer(4, 64, 32, 32)
     with pytest.raises(ValueError, match=r"g_idx must have shape \[K\] = \[64\]"):
         reference.dequantize(layer.qweight(), layer.zeros, layer.scales, layer.g_idx[:32], 4)
@@ -64,7 +65,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
         backend_for(4, "cpu", "triton")
 
 
-def test_auto_on_cpu_uses_reference(make_layer):
+def test_auto_on_cpu_uses_reference():
     layer = make_layer(8, 128, 64, 32)
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     out = gptq_matmul(x, layer.qweight(), layer.zeros, layer.scales, 8, 32, layer.bias)
