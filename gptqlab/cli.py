@@ -13,6 +13,8 @@ from enum import Enum
 
 import typer
 
+from gptqlab.cli_bench import app as bench_app
+from gptqlab.cli_eval import app as eval_app
 from gptqlab.errors import GptqlabError
 
 app = typer.Typer(
@@ -26,6 +28,10 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """GPTQ quantization workbench for Chinese LLMs: quantize, evaluate, benchmark and verify."""
+
+
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
 
 
 class Method(str, Enum):

@@ -1,0 +1,173 @@
+"""Child-process entry point that runs one quantizer, so that its wall time and peak RSS are its own.
+
+    python -m gptqlab.benchmarks.quantize_worker JOB.json RESULT.json
+
+JOB holds a :class:`Job` as JSON. The libraries are imported before the clock starts; the timed region
+goes from the unquantized model folder to a saved checkpoint and includes drawing the calibration
+windows, for every tool alike. RESULT receives the seconds, the peak and starting RSS of this process,
+the peak CUDA memory, a SHA-256 of the calibration tokens (equal for every tool given the same spec,
+nsamples, seqlen and seed) and, for gptqlab, the time at which each decoder block's file appeared.
+
+The parent sets ``GPTQMODEL_CPU_WORKERS`` and a scratch working directory (GPTQModel writes ./logs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TOOLS = ("gptqlab", "gptqmodel")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One quantization: ``tool`` gptqlab (``method`` gptq or rtn) or gptqmodel (gptq); ``model`` is a
+    model folder (not an embedded name); ``out`` must not exist."""
+
+    tool: str
+    method: str
+    model: str
+    out: str
+    bits: int
+    group_size: int
+    act_order: bool
+    damp_percent: float
+    calib: str
+    nsamples: int
+    seqlen: int
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.tool not in TOOLS:
+            raise ValueError(f"tool must be one of {TOOLS}, got {self.tool!r}")
+        if self.tool == "gptqmodel" and self.method != "gptq":
+            raise ValueError("GPTQModel is run with method gptq only")
+
+
+def calibration_ids(job: Job, tokenizer):
+    """The calibration windows [nsamples, seqlen] that gptqlab's pipeline draws for this job."""
+    from gptqlab.calib import load_calibration
+
+    return load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed).input_ids
+
+
+def tokens_sha256(ids) -> str:
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+
+
+class BlockWatcher(threading.Thread):
+    """Records when each ``block-NNNNN.safetensors`` appears in gptqlab's ``OUT.partial/blocks`` folder
+    (the pipeline writes a block's file once the block is done), in seconds after ``start``."""
+
+    def __init__(self, out: Path, start: float, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.folder = out.parent / f"{out.name}.partial" / "blocks"
+        self.start_time = start
+        self.interval = interval
+        self.seen: dict[str, float] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.poll()
+            self.stopped.wait(self.interval)
+
+    def poll(self) -> None:
+        if self.folder.is_dir():
+            now = time.perf_counter() - self.start_time
+            for f in self.folder.glob("block-*.safetensors"):
+                self.seen.setdefault(f.name, now)
+
+    def times(self) -> list[float]:
+        return [self.seen[name] for name in sorted(self.seen)]
+
+
+def run_gptqlab(job: Job) -> dict:
+    from transformers import AutoTokenizer
+
+    from gptqlab.pipeline import QuantizeOptions, quantize
+
+    opts = QuantizeOptions(
+        model=job.model,
+        out=job.out,
+        bits=job.bits,
+        group_size=job.group_size,
+        act_order=job.act_order,
+        method=job.method,
+        calib=job.calib,
+        nsamples=job.nsamples,
+        seqlen=job.seqlen,
+        device=job.device,
+        seed=job.seed,
+        damp_percent=job.damp_percent,
+        progress=False,
+    )
+    start = time.perf_counter()
+    watcher = BlockWatcher(Path(job.out), start)
+    watcher.start()
+    try:
+        quantize(opts)
+    finally:
+        watcher.stopped.set()
+        watcher.join()
+    seconds = time.perf_counter() - start
+    ids = calibration_ids(job, AutoTokenizer.from_pretrained(job.model))
+    return {"seconds": seconds, "block_seconds": watcher.times(), "calib_sha256": tokens_sha256(ids)}
+
+
+def run_gptqmodel(job: Job) -> dict:
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    ids = calibration_ids(job, AutoTokenizer.from_pretrained(job.model))  # [nsamples, seqlen]
+    config = QuantizeConfig(
+        bits=job.bits,
+        group_size=job.group_size,
+        desc_act=job.act_order,
+        act_group_aware=False,  # GPTQModel's own group-aware reordering is not one of the compared settings
+        damp_percent=job.damp_percent,
+        sym=True,
+        true_sequential=True,
+    )
+    # float32 like gptqlab on the CPU; GPTQModel's CPU default would be bfloat16
+    dtype = torch.float32 if job.device == "cpu" else torch.float16
+    model = GPTQModel.load(job.model, config, dtype=dtype)
+    calibration = [{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in ids]
+    model.quantize(calibration, batch_size=1)
+    model.save(job.out)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "block_seconds": [], "calib_sha256": tokens_sha256(ids)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m gptqlab.benchmarks.quantize_worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = Job(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
+    import torch
+    import transformers  # noqa: F401  (imported before the clock starts, for every tool)
+
+    from gptqlab.benchmarks.common import max_rss_mb, rss_mb
+
+    if job.tool == "gptqmodel":
+        import gptqmodel  # noqa: F401
+    start_rss = rss_mb()
+    result = run_gptqlab(job) if job.tool == "gptqlab" else run_gptqmodel(job)
+    result.update(job=asdict(job), peak_rss_mb=max_rss_mb(), start_rss_mb=start_rss)
+    if torch.cuda.is_available():
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    Path(args[1]).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
