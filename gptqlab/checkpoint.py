@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from gptqlab.errors import GptqlabError
@@ -23,6 +25,7 @@ from gptqlab.errors import GptqlabError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST = "SHA256SUMS"
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
 def temp_dir_for(out: Path) -> Path:
@@ -36,6 +39,39 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, except that a failed write (a full disk) raises OSError with its errno
+    and the path, as Python's own file functions do; safetensors reports it as a SafetensorError."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        match = _OS_ERROR.search(str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file so that ``path`` holds either its old content or the complete new one, even
+    if the process is killed or the disk fills: write ``path.tmp``, flush it to disk, rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_tensors(tensors, tmp, metadata)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # already renamed after success; a failed write leaves no partial file
 
 
 def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> list[str]:
@@ -53,7 +89,7 @@ def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_
         nonlocal current, size
         if current:
             name = f"shard-{len(temp_names):05d}.tmp"
-            save_file(current, str(folder / name), metadata={"format": "pt"})
+            save_tensors(current, folder / name, metadata={"format": "pt"})
             temp_names.append(name)
             shards.append({k: None for k in current})
         current, size = {}, 0
@@ -84,7 +120,13 @@ def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+    """Write ``obj`` as indented UTF-8 JSON, atomically (a temporary file renamed over ``path``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(folder: Path) -> Path:

@@ -53,7 +53,12 @@ def find_quant_config(folder: str | Path) -> tuple[dict, Path] | None:
         path = folder / name
         if path.is_file():
             return _read_json(path), path
-    path = folder / "config.json"
+    return hf_quant_config(folder)
+
+
+def hf_quant_config(folder: str | Path) -> tuple[dict, Path] | None:
+    """``config.json`` → ``quantization_config`` (what transformers reads) and its path, or None."""
+    path = Path(folder) / "config.json"
     if path.is_file():
         qc = _read_json(path).get("quantization_config")
         if qc is not None:

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from gptqlab.errors import CheckpointError
+from gptqlab.errors import CheckpointError, GptqlabError
 
 
 @contextlib.contextmanager
@@ -36,6 +36,61 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
+INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _index_files(index: Path) -> list[str]:
+    """The shard names of a ``model.safetensors.index.json``; each must be a .safetensors file beside it."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, an oversized int
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object mapping tensor names to files")
+    files = set()
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: tensor {name!r} maps to {file!r}, not a .safetensors file in this folder")
+        files.add(file)
+    return sorted(files)
+
+
+def safetensors_files(folder: Path) -> list[str]:
+    """Names of the safetensors files of a checkpoint folder: the shards its index lists, else every
+    ``*.safetensors`` file. Raises CheckpointError for a bad index or a folder without weights."""
+    index = folder / INDEX_FILE
+    files = _index_files(index) if index.is_file() else sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no .safetensors weights found")
+    return files
+
+
+def open_safetensors(path: Path):
+    """A safetensors handle (mmap; the header is validated against the file size, no data is read)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from exc
+
+
 class SafetensorsWeights:
     """Name → tensor access to a checkpoint folder's safetensors files, through mmap.
 
@@ -47,25 +102,11 @@ class SafetensorsWeights:
     def __init__(self, folder: str | Path, prefix: str = ""):
         self.folder = Path(folder)
         self.prefix = prefix
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.folder}: no .safetensors weights found")
+        self.files = safetensors_files(self.folder)
         self._where: dict[str, str] = {}
         self._handles = {}
-        for f in files:
-            path = self.folder / f
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: cannot read safetensors file ({exc})") from exc
+        for f in self.files:
+            handle = open_safetensors(self.folder / f)
             self._handles[f] = handle
             for k in handle.keys():
                 self._where[k] = f
@@ -87,13 +128,27 @@ class SafetensorsWeights:
     def __contains__(self, name: str) -> bool:
         return self._resolve(name) is not None
 
+    def file_of(self, name: str) -> str | None:
+        """The file (a name inside the folder) that holds tensor ``name``, or None when it is missing."""
+        key = self._resolve(name)
+        return None if key is None else self._where[key]
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | None]:
+        """Shape and dtype of tensor ``name`` from the file header, without reading its data. The dtype is
+        None for a safetensors dtype that torch does not have."""
+        key = self._resolve(name)
+        if key is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
+        view = self._handles[self._where[key]].get_slice(key)
+        return tuple(view.get_shape()), SAFETENSORS_DTYPES.get(view.get_dtype())
+
     def get(self, name: str) -> torch.Tensor:
         key = self._resolve(name)
         if key is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         try:
             return self._handles[self._where[key]].get_tensor(key)
-        except SafetensorError as exc:
+        except (SafetensorError, TypeError, ValueError) as exc:  # TypeError: a dtype torch does not have
             raise CheckpointError(f"{self.folder / self._where[key]}: tensor {key!r} cannot be read ({exc})") from exc
 
 
@@ -138,7 +193,9 @@ class TorchBinWeights:
         files = sorted(self.folder.glob("pytorch_model*.bin"))
         if not files:
             raise CheckpointError(f"{self.folder}: no .safetensors or pytorch_model*.bin weights found")
+        self.files = [f.name for f in files]
         self._tensors: dict[str, torch.Tensor] = {}
+        self._where: dict[str, str] = {}
         for f in files:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -146,10 +203,22 @@ class TorchBinWeights:
                 raise CheckpointError(f"{f}: cannot be read safely as weights ({type(exc).__name__}: {exc})") from exc
             if not isinstance(state, dict):
                 raise CheckpointError(f"{f}: expected a state dict, found {type(state).__name__}")
-            self._tensors.update(state)
+            for key, value in state.items():
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{f}: entry {key!r} is {type(value).__name__}, not a named tensor")
+                self._tensors[key] = value
+                self._where[key] = f.name
 
     def keys(self) -> list[str]:
         return list(self._tensors)
+
+    def file_of(self, name: str) -> str | None:
+        key = self._resolve(name)
+        return None if key is None else self._where[key]
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype | None]:
+        t = self.get(name)
+        return tuple(t.shape), t.dtype
 
     def _resolve(self, name: str) -> str | None:
         for key in (name, name.removeprefix(self.prefix + "."), f"{self.prefix}.{name}"):
@@ -170,6 +239,59 @@ class TorchBinWeights:
 def open_weights(folder: str | Path, prefix: str = "") -> SafetensorsWeights | TorchBinWeights:
     """Safetensors when the folder has them, else ``.bin`` files through the safe loader."""
     folder = Path(folder)
-    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+    if any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).is_file():
         return SafetensorsWeights(folder, prefix)
     return TorchBinWeights(folder, prefix)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _custom_code_files(folder: Path) -> str:
+    """The Python files that a folder's config.json ``auto_map`` would run, for error messages."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map", {})
+        modules = {ref.split(".")[0] for ref in auto_map.values() if isinstance(ref, str)}
+    except (OSError, ValueError, RecursionError, AttributeError):  # AttributeError: a config that is no object
+        return "its own Python code"
+    return ", ".join(f"{m}.py" for m in sorted(modules)) or "its own Python code"
+
+
+def model_config(folder: str | Path, trust_remote_code: bool = False):
+    """The transformers config of a model folder.
+
+    Raises GptqlabError when the model needs custom code that was not allowed (nothing of it is run), and
+    CheckpointError, with the first line of transformers' explanation, when config.json cannot be used.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, ValueError, KeyError, TypeError and huggingface_hub validation errors
+        if "trust_remote_code" in str(exc):
+            raise GptqlabError(
+                f"model {folder} runs custom code ({_custom_code_files(folder)}); read it, and pass "
+                "--trust-remote-code (trust_remote_code=True in Python) if you trust it"
+            ) from exc
+        raise CheckpointError(f"{folder / 'config.json'}: cannot be used: {_first_line(exc)}") from exc
+
+
+def model_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM built from ``config`` with every parameter on the meta device (no memory, no weights read).
+
+    Raises CheckpointError when transformers accepts the config but cannot build a model from it (sizes
+    that do not fit together, for instance).
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with meta_parameters():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # model constructors raise whatever their arithmetic on the config raises
+        name = getattr(config, "model_type", "unknown")
+        raise CheckpointError(
+            f"cannot build a {name!r} model from its config.json: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
