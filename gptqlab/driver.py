@@ -7,6 +7,10 @@ each block's Linears with GPTQ or RTN.
    with forward hooks, quantize stage by stage (true-sequential), put the dequantized weights back, re-run
    the block to make the next block's inputs, hand the results to ``on_block``, and release the block.
 
+A run can resume at any block: given that block's inputs (the outputs ``on_block`` received for the block
+before it), step 1 runs on one sample only, to recompute the block keyword arguments, and the results are
+bit for bit those of an uninterrupted run.
+
 The algorithm itself lives in :mod:`gptqlab.quant`; this module knows models, not number formats.
 """
 
@@ -46,10 +50,12 @@ class LayerReport:
 
 @dataclass
 class QuantizedLinear:
-    """What a sink receives for each Linear: the quantizer's result and the Linear's bias (or None)."""
+    """What a sink receives for each Linear: the quantizer's result, the Linear's bias (or None) and the
+    Linear's report (also among those that :func:`quantize_model` returns)."""
 
     result: QuantResult
     bias: torch.Tensor | None
+    report: LayerReport
 
 
 class HessianAccumulator:
@@ -128,7 +134,12 @@ def _quantize_weight(name: str, W: torch.Tensor, H: torch.Tensor | None, qcfg: Q
     try:
         res = gptq(W, H, qcfg) if method == "gptq" else rtn(W, qcfg, H)
     except NumericalError as exc:
-        raise GptqlabError(f"layer {name}: {exc}; the calibration data may be degenerate") from exc
+        # diag(H)[k] = 2 · mean of x_k², so this is the RMS of the loudest input channel.
+        rms = float(torch.sqrt(torch.diag(H).max() / 2)) if H is not None else float("nan")
+        raise GptqlabError(
+            f"layer {name}: {exc}; its loudest input channel has RMS {rms:.3g}, so check the weights that feed "
+            "this layer (e.g. a norm) and the calibration data"
+        ) from exc
     if res.damp_percent is not None and res.damp_percent != qcfg.damp_percent:
         log.warning("layer %s: Cholesky failed, damp_percent raised %g → %g", name, qcfg.damp_percent, res.damp_percent)
     return res
@@ -143,8 +154,10 @@ def quantize_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     weights: SafetensorsWeights | None = None,
-    on_block: Callable[[int, nn.Module, dict[str, QuantizedLinear]], None] | None = None,
+    on_block: Callable[[int, nn.Module, dict[str, QuantizedLinear], list[torch.Tensor]], None] | None = None,
     progress: bool = True,
+    start: int = 0,
+    inputs: list[torch.Tensor] | None = None,
 ) -> list[LayerReport]:
     """Quantize every decoder-block Linear of ``model`` in place, block by block.
 
@@ -153,19 +166,35 @@ def quantize_model(
         the model is fully loaded and each quantized Linear keeps its dequantized weight (fake-quant), so
         the returned model can be evaluated directly.
     input_ids: [nsamples, seqlen] calibration tokens.
-    on_block(i, block, {linear name: QuantizedLinear}): called after block i while its weights are still
-        loaded, e.g. to pack and store it.
-    Returns one LayerReport per Linear, in block order.
+    on_block(i, block, {linear name: QuantizedLinear}, outputs): called after block i while its weights are
+        still loaded, e.g. to pack and store it. outputs: block i's outputs for every sample
+        ([hidden [1, seqlen, hidden_size]] * nsamples, on ``device``), which are block i+1's inputs.
+    start, inputs: resume at block ``start`` (0 < start <= number of blocks) with ``inputs``, the outputs
+        that on_block received for block start-1. Blocks before ``start`` are left untouched.
+    Returns one LayerReport per Linear of the blocks it quantized, in block order.
     """
     if method not in METHODS:
         raise GptqlabError(f"unknown method {method!r}; choose gptq or rtn")
     device = torch.device(device)
     arch = arch_for(model)
     blocks = block_list(model, arch)
-    inputs, kwargs = capture_inputs(model, arch, input_ids, device)
+    if start:
+        if inputs is None or not 0 < start <= len(blocks):
+            raise ValueError(f"resuming at block {start} of {len(blocks)} needs that block's inputs")
+        _, kwargs = capture_inputs(model, arch, input_ids[:1], device)  # the kwargs come from sample 0
+        inputs = [x.to(device) for x in inputs]
+    else:
+        inputs, kwargs = capture_inputs(model, arch, input_ids, device)
     reports: list[LayerReport] = []
     stages = arch.stages if qcfg.true_sequential else (arch.linears,)
-    bar = tqdm(range(len(blocks)), desc=f"{method} {qcfg.bits}-bit", unit="block", disable=not progress)
+    bar = tqdm(
+        range(start, len(blocks)),
+        desc=f"{method} {qcfg.bits}-bit",
+        unit="block",
+        initial=start,
+        total=len(blocks),
+        disable=not progress,
+    )
     for i in bar:
         block = blocks[i]
         prefix = f"{arch.blocks}.{i}"
@@ -190,14 +219,15 @@ def quantize_model(
                 seconds = time.perf_counter() - t0
                 lin.weight.data = res.Q.to(device=lin.weight.device, dtype=lin.weight.dtype)
                 bias = None if lin.bias is None else lin.bias.data.detach().to("cpu")
-                done[n] = QuantizedLinear(_to_cpu(res), bias)
                 loss = res.loss if res.loss is not None else float("nan")
-                reports.append(
-                    LayerReport(f"{prefix}.{n}", lin.in_features, lin.out_features, loss, seconds, res.damp_percent)
+                report = LayerReport(
+                    f"{prefix}.{n}", lin.in_features, lin.out_features, loss, seconds, res.damp_percent
                 )
+                done[n] = QuantizedLinear(_to_cpu(res), bias, report)
+                reports.append(report)
         inputs = _run_block(block, inputs, kwargs)
         if on_block is not None:
-            on_block(i, block, done)
+            on_block(i, block, done, inputs)
         if weights is not None:
             release(block)
         else:

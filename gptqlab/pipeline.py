@@ -1,38 +1,82 @@
 """``gptqlab quantize``: resolve the model, sample calibration data, run the layer-wise driver, and write
 the checkpoint.
 
-All input is validated before anything is written. Progress lives in ``OUT.partial/``: each finished block
-is stored there as soon as it is done, and the final folder is assembled there and renamed to OUT at the
-very end.
+All input is validated before anything is written. Progress lives in ``OUT.partial/``, and the final
+folder is assembled there and renamed to OUT at the very end.
+
+Resuming. ``OUT.partial/`` holds
+
+- ``run.json``: everything that decides the bytes of the result (settings, resolved seqlen, device type
+  and dtype, gptqlab and torch versions, size and mtime of the model's config and weight files, and the
+  SHA-256 of the calibration tokens);
+- ``blocks/block-XXXXX.safetensors``: the packed tensors of each finished block;
+- ``state.safetensors``: the inputs of the next block (the outputs of the last finished one) with, in its
+  metadata, that block's number and the reports of the finished Linears.
+
+Each file is written to ``*.tmp`` and renamed into place, and a block file is written before the state
+that points past it, so a run killed at any moment (SIGKILL included) leaves a consistent folder. The block
+keyword arguments (masks, rotary embeddings) are recomputed from the first calibration sample on resume.
+
+- Re-running the same command continues after the last finished block; the result is byte-identical to
+  an uninterrupted run. ``--resume`` does the same but fails when there is nothing to resume.
+- ``--no-resume`` deletes ``OUT.partial`` and starts over.
+- A ``OUT.partial`` whose ``run.json`` differs from this run is refused (exit 2) with the differences
+  listed, and left untouched.
+- Bad input found before any work leaves nothing behind. Bad input found during the run (NaN weights in
+  block 30, a Hessian that no dampening fixes) deletes ``OUT.partial``: fixing it changes the model or
+  the settings, so the progress could not be resumed. A write error (full disk) keeps ``OUT.partial`` when
+  it holds at least one finished block and says how to resume; any other crash or Ctrl-C keeps it too.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
 import platform
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from gptqlab import __version__
 from gptqlab.arch import arch_for, block_list
-from gptqlab.checkpoint import publish, write_json, write_manifest, write_shards
+from gptqlab.checkpoint import publish, save_atomic, write_json, write_manifest, write_shards
 from gptqlab.driver import METHODS, LayerReport, QuantizedLinear, quantize_model
 from gptqlab.errors import ConfigError, GptqlabError
 from gptqlab.format import quantize_config_dict, to_checkpoint
 from gptqlab.quant import QuantConfig
-from gptqlab.weights import materialize, meta_parameters, open_weights
+from gptqlab.weights import INDEX_FILE, materialize, model_config, model_skeleton, open_weights
 
 log = logging.getLogger("gptqlab")
 
 DEFAULT_SEQLEN = 2048
+# Test-only hook: seconds to sleep after each block is quantized and before it is saved, so that
+# tests/test_resume.py can kill a run in the middle of a block. Never set it otherwise.
+SLOW_BLOCK_ENV = "GPTQLAB_TEST_SLOW_BLOCK"
+# The QuantizeOptions fields that decide the block files; a resumed run must match them (see run.json).
+RESUME_SETTINGS = (
+    "bits",
+    "group_size",
+    "act_order",
+    "static_groups",
+    "sym",
+    "method",
+    "calib",
+    "nsamples",
+    "seed",
+    "format",
+    "damp_percent",
+    "true_sequential",
+    "mse",
+)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
 
@@ -69,6 +113,9 @@ class QuantizeOptions:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    resume: bool | None = None
+    """None: continue a matching OUT.partial if there is one; True: the same, but fail when there is none;
+    False: delete any OUT.partial and start over."""
     quant: QuantConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,8 +159,10 @@ def resolve_model_dir(model: str) -> Path:
         if not (path / "config.json").is_file():
             raise GptqlabError(f"model folder {path} has no config.json")
         return path
+    if path.exists():
+        raise GptqlabError(f"model path {model} is a file; give the folder that holds config.json and the weights")
     looks_like_path = (os.sep in model and not re.fullmatch(r"[\w.-]+/[\w.-]+", model)) or model.startswith((".", "~"))
-    if looks_like_path or path.exists():
+    if looks_like_path:
         raise GptqlabError(f"model path {model} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -139,13 +188,34 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise GptqlabError(f"output {out} already exists; pass --overwrite to replace it")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
+    if not parent.exists():
         raise GptqlabError(f"cannot create output {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise GptqlabError(f"cannot create output {out}: folder {parent} is not writable")
+    if not parent.is_dir():
+        raise GptqlabError(f"cannot create output {out}: {parent} is a file, not a folder")
+    partial = partial_dir(out)
+    if partial.exists() and not partial.is_dir():
+        raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
+    # os.access says yes to root even on a read-only mount, so try for real.
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise GptqlabError(
+            f"cannot create output {out}: folder {parent} is not writable ({exc.strerror}); choose another OUT"
+        ) from None
 
 
-def _save_block(folder: Path, i: int, block, prefix: str, done: dict[str, QuantizedLinear], bits: int, fmt: str):
+def partial_dir(out: Path) -> Path:
+    """Where ``gptqlab quantize`` keeps the progress of a run that writes ``out``."""
+    return out.parent / f"{out.name}.partial"
+
+
+def _test_pause() -> None:
+    seconds = os.environ.get(SLOW_BLOCK_ENV)
+    if seconds:
+        time.sleep(float(seconds))
+
+
+def _block_tensors(block, prefix: str, done: dict[str, QuantizedLinear], bits: int, fmt: str) -> dict:
     tensors = {}
     for n, q in done.items():
         for key, t in to_checkpoint(q.result, bits, fmt, q.bias).items():
@@ -154,9 +224,167 @@ def _save_block(folder: Path, i: int, block, prefix: str, done: dict[str, Quanti
     for name, p in block.named_parameters():
         if name not in quantized:
             tensors[f"{prefix}.{name}"] = p.detach().to("cpu", torch.float16).contiguous()
-    tmp = folder / f"block-{i:05d}.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / f"block-{i:05d}.safetensors")  # a block file exists only once complete
+    return tensors
+
+
+def _model_files(model_dir: Path) -> dict[str, list[int]]:
+    """[size, mtime in ns] of the files that define the model: config.json and the weights."""
+    files = {}
+    for p in sorted(model_dir.iterdir()):
+        if p.name in ("config.json", INDEX_FILE) or p.suffix in (".safetensors", ".bin"):
+            st = p.stat()
+            files[p.name] = [st.st_size, st.st_mtime_ns]
+    return files
+
+
+def run_record(opts: QuantizeOptions, model_dir: Path, input_ids: torch.Tensor, device, dtype, nblocks: int) -> dict:
+    """What ``run.json`` holds: everything that decides the bytes of the block files (JSON types only)."""
+    record = {
+        "gptqlab": __version__,
+        "torch": torch.__version__,
+        "model": str(model_dir.resolve()),
+        "model_files": _model_files(model_dir),
+        "blocks": nblocks,
+        "settings": {k: getattr(opts, k) for k in RESUME_SETTINGS} | {"seqlen": int(input_ids.shape[1])},
+        "device": torch.device(device).type,
+        "dtype": str(dtype),
+        "calibration_sha256": hashlib.sha256(input_ids.contiguous().numpy().tobytes()).hexdigest(),
+    }
+    return json.loads(json.dumps(record))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            name = f"{prefix}{key}"
+            if name.startswith("model_files."):
+                out.append(f"model file {name.removeprefix('model_files.')} changed")
+            elif name == "calibration_sha256":
+                out.append("the calibration tokens differ")
+            else:
+                out.append(f"{name} {a!r} → {b!r}")
+    return out
+
+
+class PartialRun:
+    """``OUT.partial``: the progress of one ``gptqlab quantize`` run (the layout is in the module docstring).
+
+    ``finished`` blocks are stored; ``reports`` are their LayerReports; ``inputs`` are block ``finished``'s
+    inputs ([hidden [1, seqlen, hidden_size]] * nsamples, on the CPU), or None when no block is finished.
+    """
+
+    def __init__(self, out: Path):
+        self.folder = partial_dir(out)
+        self.blocks = self.folder / "blocks"
+        self.run_file = self.folder / "run.json"
+        self.state_file = self.folder / "state.safetensors"
+        self.finished = 0
+        self.reports: list[LayerReport] = []
+        self.inputs: list[torch.Tensor] | None = None
+
+    def block_file(self, i: int) -> Path:
+        return self.blocks / f"block-{i:05d}.safetensors"
+
+    def open(self, record: dict, resume: bool | None) -> None:
+        """Find the progress of a run with this ``record``, or decide on a fresh start.
+
+        Raises GptqlabError, leaving the folder as it is, when it cannot be resumed and ``resume`` is not
+        False (which deletes it). Nothing is written here.
+        """
+        if resume is False:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.folder.is_dir() or not any(p.is_file() for p in self.folder.rglob("*")):
+            if resume:
+                raise GptqlabError(f"--resume: there is no run in progress at {self.folder}")
+            return
+        redo = "pass --no-resume to delete it and start over"
+        try:
+            old = json.loads(self.run_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GptqlabError(f"{self.folder} is not a gptqlab run in progress (no run.json); {redo}") from None
+        except (OSError, ValueError) as exc:
+            raise GptqlabError(f"{self.run_file} is damaged ({exc}); {redo}") from None
+        diffs = _differences(old, record) if isinstance(old, dict) else ["run.json is not an object"]
+        if diffs:
+            raise GptqlabError(
+                f"{self.folder} holds a run with other settings ({'; '.join(diffs)}); rerun with the settings "
+                f"it was started with to resume it, or {redo}"
+            )
+        if self.state_file.is_file():
+            self._read_state(record, redo)
+        if self.finished:
+            log.info(
+                "resuming %s: blocks 0-%d are done, continuing at block %d of %d",
+                self.folder,
+                self.finished - 1,
+                self.finished,
+                record["blocks"],
+            )
+
+    def _read_state(self, record: dict, redo: str) -> None:
+        try:
+            with safe_open(str(self.state_file), framework="pt") as h:
+                meta = h.metadata() or {}
+                finished = int(meta["next_block"])
+                reports = [LayerReport(**r) for r in json.loads(meta["reports"])]
+                inputs = [h.get_tensor(k) for k in sorted(h.keys())]
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+            raise GptqlabError(f"{self.state_file} is damaged ({type(exc).__name__}: {exc}); {redo}") from None
+        missing = [i for i in range(finished) if not self.block_file(i).is_file()]
+        nsamples = record["settings"]["nsamples"]
+        if missing or not 0 < finished <= record["blocks"] or len(inputs) != nsamples:
+            raise GptqlabError(
+                f"{self.state_file} does not match the block files (next block {finished}, {len(inputs)} "
+                f"inputs for {nsamples} samples, missing blocks {missing}); {redo}"
+            )
+        self.finished, self.reports, self.inputs = finished, reports, inputs
+
+    def start(self, record: dict) -> None:
+        """Create the folder for a fresh run, or clear what a killed run left beyond its last finished block."""
+        if self.run_file.is_file():
+            shutil.rmtree(self.folder / "final", ignore_errors=True)
+            for p in [*self.folder.glob("*.tmp"), *self.blocks.glob("*.tmp"), self.blocks / "rest.safetensors"]:
+                p.unlink(missing_ok=True)
+            for p in self.blocks.glob("block-*.safetensors"):
+                if int(p.name[6:11]) >= self.finished:
+                    p.unlink()
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.blocks.mkdir(parents=True)
+        write_json(self.run_file, record)
+
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], reports: list[LayerReport], outputs: list) -> None:
+        """Store finished block ``i``, then the state that points past it (``outputs``: block i+1's inputs)."""
+        save_atomic(tensors, self.block_file(i), metadata={"format": "pt"})
+        self.reports += reports
+        state = {f"x.{j:05d}": x.detach().to("cpu").contiguous() for j, x in enumerate(outputs)}
+        meta = {"next_block": str(i + 1), "reports": json.dumps([asdict(r) for r in self.reports])}
+        save_atomic(state, self.state_file, metadata=meta)
+        self.finished = i + 1
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_error(exc: OSError, run: PartialRun) -> GptqlabError:
+    """A one-line message for a failed write, saying how to go on; deletes progress that cannot be resumed."""
+    where = exc.filename or run.folder
+    hint = ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "; free disk space or write OUT to another disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose an OUT in a folder you can write"
+    if run.finished:
+        return GptqlabError(
+            f"cannot write {where}: {exc.strerror or exc}{hint}; {run.finished} finished blocks are kept in "
+            f"{run.folder}: rerun the same command to resume"
+        )
+    run.discard()
+    return GptqlabError(f"cannot write {where}: {exc.strerror or exc}{hint}")
 
 
 def _iter_partial(files: list[Path]):
@@ -168,7 +396,7 @@ def _iter_partial(files: list[Path]):
 
 def quantize(opts: QuantizeOptions) -> Path:
     """Run ``gptqlab quantize``; returns the output folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from gptqlab.calib import load_calibration
 
@@ -177,15 +405,15 @@ def quantize(opts: QuantizeOptions) -> Path:
     _check_out(out, opts.overwrite)
     model_dir = resolve_model_dir(opts.model)
     device = resolve_device(opts.device)
+    config = model_config(model_dir, opts.trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=opts.trust_remote_code)
-    except ValueError as exc:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=opts.trust_remote_code)
+    except Exception as exc:  # tokenizer files fail in many ways: OSError, ValueError, JSON and Rust errors
         if "trust_remote_code" in str(exc):
             raise GptqlabError(
-                f"model {opts.model} uses custom code; pass --trust-remote-code if you trust it"
+                f"the tokenizer of {opts.model} runs custom code; pass --trust-remote-code if you trust it"
             ) from exc
-        raise GptqlabError(f"cannot read the config of {opts.model}: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=opts.trust_remote_code)
+        raise GptqlabError(f"cannot load the tokenizer of {opts.model}: {type(exc).__name__}") from exc
 
     context = model_context(config, tokenizer)
     seqlen = opts.seqlen
@@ -194,8 +422,7 @@ def quantize(opts: QuantizeOptions) -> Path:
     elif context is not None and seqlen > context:
         raise GptqlabError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
 
-    with meta_parameters():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=opts.trust_remote_code)
+    model = model_skeleton(config, opts.trust_remote_code)
     model.eval()
     arch = arch_for(model)
     blocks = block_list(model, arch)
@@ -219,13 +446,19 @@ def quantize(opts: QuantizeOptions) -> Path:
             materialize(model.get_submodule(owner), owner, weights, "cpu", dtype)
     _tie_output_embeddings(model)
 
-    partial = out.parent / f"{out.name}.partial"
-    blocks_dir = partial / "blocks"
-    if partial.exists():
-        shutil.rmtree(partial)
-    blocks_dir.mkdir(parents=True)
+    run = PartialRun(out)
+    record = run_record(opts, model_dir, calib.input_ids, device, dtype, len(blocks))
+    run.open(record, opts.resume)
+    resumed_at = run.finished
+
+    def on_block(i: int, block, done: dict[str, QuantizedLinear], outputs: list) -> None:
+        _test_pause()
+        tensors = _block_tensors(block, f"{arch.blocks}.{i}", done, opts.bits, opts.format)
+        run.save_block(i, tensors, [q.report for q in done.values()], outputs)
+
     try:
-        reports = quantize_model(
+        run.start(record)
+        quantize_model(
             model,
             calib.input_ids,
             opts.quant,
@@ -233,32 +466,36 @@ def quantize(opts: QuantizeOptions) -> Path:
             device=device,
             dtype=dtype,
             weights=weights,
-            on_block=lambda i, block, done: _save_block(
-                blocks_dir, i, block, f"{arch.blocks}.{i}", done, opts.bits, opts.format
-            ),
+            on_block=on_block,
             progress=opts.progress,
+            start=run.finished,
+            inputs=run.inputs,
         )
-        staging = partial / "final"
+        staging = run.folder / "final"
         staging.mkdir()
         rest = {}
         tied = _tied(model)
         for name, p in model.named_parameters():
             if not name.startswith(block_prefix) and not (tied and name == "lm_head.weight"):
                 rest[name] = p.detach().to("cpu", torch.float16).contiguous()
-        save_file(rest, str(blocks_dir / "rest.safetensors"), metadata={"format": "pt"})
-        files = [*sorted(blocks_dir.glob("block-*.safetensors")), blocks_dir / "rest.safetensors"]
+        save_atomic(rest, run.blocks / "rest.safetensors", metadata={"format": "pt"})
+        files = [*(run.block_file(i) for i in range(len(blocks))), run.blocks / "rest.safetensors"]
         write_shards(staging, _iter_partial(files), parse_size(opts.max_shard_size))
         _write_configs(staging, model_dir, config, tokenizer, opts)
-        write_json(staging / "quant_report.json", _report(opts, model_dir, calib, reports, device, started))
+        report = _report(opts, model_dir, calib, run.reports, device, started) | {"resumed_at_block": resumed_at}
+        write_json(staging / "quant_report.json", report)
         write_manifest(staging)
         publish(staging, out, opts.overwrite)
     except GptqlabError:
-        shutil.rmtree(partial, ignore_errors=True)
+        run.discard()  # the input is bad: fixing it changes the model or the settings, so nothing is resumable
         raise
     except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise GptqlabError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    shutil.rmtree(partial, ignore_errors=True)
+        raise _write_error(exc, run) from exc
+    except BaseException:
+        if run.finished:
+            log.warning("%d finished blocks are kept in %s; rerun the same command to resume", run.finished, run.folder)
+        raise
+    run.discard()
     return out
 
 
