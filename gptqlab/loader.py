@@ -15,7 +15,8 @@ from torch import nn
 
 from gptqlab.errors import CheckpointError, GptqlabError
 from gptqlab.reader import CheckpointQuantConfig, read_quant_config
-from gptqlab.weights import materialize, meta_parameters, open_weights
+from gptqlab.verify import ensure_sound
+from gptqlab.weights import materialize, model_config, model_skeleton, open_weights
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "triton", "torch")
@@ -95,7 +96,7 @@ def load(
     Reads every variant of FORMAT.md: gptqlab, GPTQModel (v1), transformers/optimum (gptq_v2), legacy
     AutoGPTQ files (``gptq_model-4bit-128g.safetensors``, zero biases), act-order and 8-bit checkpoints.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if backend not in BACKENDS:
         raise GptqlabError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -107,17 +108,16 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         return model.to(dev).eval()
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = model_config(folder, trust_remote_code)
     raw_qc = getattr(config, "quantization_config", None)
     if raw_qc is not None:
         del config.quantization_config  # build a plain model; gptqlab does the quantized layers itself
-    with meta_parameters():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = model_skeleton(config, trust_remote_code)
     weights = open_weights(folder, prefix=model.base_model_prefix)
     names = quantized_linear_names(model, weights)
     if not names:
         raise CheckpointError(f"{folder}: the config says GPTQ, but no tensor named '*.qweight' matches the model")
-    _check_all_quantized(model, names, folder)
+    ensure_sound(folder, model, weights, qc)
     for name in names:
         lin = model.get_submodule(name)
         layer = _build_qlinear(name, lin, weights, qc, dev, dtype)
@@ -141,22 +141,6 @@ def load(
     model.config.quantization_config = raw_qc if raw_qc is not None else qc.__dict__
     model.gptqlab_quant_config = qc
     return model.to(dev).eval()
-
-
-def _check_all_quantized(model: nn.Module, names: list[str], folder: Path) -> None:
-    """Every Linear the architecture quantizes must be present in packed form."""
-    from gptqlab.arch import arch_for, block_list
-
-    try:
-        arch = arch_for(model)
-    except GptqlabError:
-        return
-    present = set(names)
-    for i in range(len(block_list(model, arch))):
-        for n in arch.linears:
-            full = f"{arch.blocks}.{i}.{n}"
-            if full not in present:
-                raise CheckpointError(f"{folder}: quantized layer {full} is missing (no {full}.qweight)")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
