@@ -95,6 +95,12 @@ def quantize(
         False, "--trust-remote-code", help="Allow a model's own Python code to run (custom architectures)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    resume: bool | None = typer.Option(
+        None,
+        "--resume/--no-resume",
+        help="OUT.partial keeps the progress of a killed run, and rerunning the same command continues it "
+        "[default: continue when one matches]. --resume: fail if there is none; --no-resume: delete it, start over.",
+    ),
 ) -> None:
     """Quantize MODEL with Chinese calibration data and write a packed GPTQ checkpoint to OUT."""
     from gptqlab.pipeline import QuantizeOptions
@@ -122,9 +128,36 @@ def quantize(
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
         progress=not quiet,
+        resume=resume,
     )
     path = run(opts)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def verify(
+    folder: str = typer.Argument(..., help="Checkpoint folder to check."),
+    hashes: bool = typer.Option(
+        True, "--hashes/--no-hashes", help="Check every file against SHA256SUMS (reads every byte)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow a model's own Python code to run (custom architectures)."
+    ),
+) -> None:
+    """Check a checkpoint: SHA256SUMS, its config against its tensors, every quantized Linear present.
+
+    Exit 0 when it is sound, 1 when it is not (one problem per line: file, tensor, what is wrong), 2 for a
+    usage error.
+    """
+    from gptqlab.verify import verify as check
+
+    report = check(folder, hashes=hashes, trust_remote_code=trust_remote_code)
+    for problem in report.problems:
+        typer.echo(str(problem))
+    if not report.sound:
+        typer.echo(f"gptqlab: {folder} is not sound: {len(report.problems)} problems", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{folder}: sound ({report.hashed} files match SHA256SUMS, {report.layers} quantized layers checked)")
 
 
 def main(argv: list[str] | None = None) -> None:
