@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, typer returns the code of typer.Exit and of Ctrl-C (130) instead of raising.
+        code = app(args=argv, standalone_mode=False)
     except GptqlabError as exc:
         print(f"gptqlab: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:
+        print("gptqlab: interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
