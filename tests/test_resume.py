@@ -1,0 +1,277 @@
+"""Resuming ``gptqlab quantize`` from ``OUT.partial``: after SIGKILL, a crash between two writes, a full disk;
+the result must be byte-identical to an uninterrupted run. Settings that differ are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gptqlab.calib.sources import builtin_texts
+from gptqlab.cli import main
+from gptqlab.pipeline import SLOW_BLOCK_ENV, partial_dir
+
+LAYERS = 4
+SLOW_SECONDS = "2"  # each block of the killed run sleeps this long between quantizing and saving
+
+
+def run_cli(argv) -> int:
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 4-layer random LLaMA (hidden 64), so that a run can be killed with blocks before and after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("deep-llama")
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory) -> list[str]:
+    """Small GPTQ settings with a short calibration file (tokenizing the built-in corpus takes seconds)."""
+    calib = tmp_path_factory.mktemp("calib") / "calib.txt"
+    calib.write_text("\n".join(builtin_texts("peoples-daily")[:40]), encoding="utf-8")
+    return ["--nsamples", "8", "--seqlen", "32", "--group-size", "32", "--act-order", "--calib", f"txt:{calib}", "-q"]
+
+
+@pytest.fixture(scope="module")
+def reference(deep_model, args, tmp_path_factory) -> Path:
+    """An uninterrupted run in this process."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert run_cli(["quantize", deep_model, out, *args]) == 0
+    return out
+
+
+def tensor_bytes(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """Every tensor of a checkpoint as (dtype, shape, raw bytes)."""
+    found = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k).contiguous()
+                found[k] = (str(t.dtype), tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
+    return found
+
+
+def assert_identical(out: Path, reference: Path) -> None:
+    got, want = tensor_bytes(out), tensor_bytes(reference)
+    assert sorted(got) == sorted(want)
+    different = [k for k in want if got[k] != want[k]]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"
+    digest = [hashlib.sha256((f / "model.safetensors").read_bytes()).hexdigest() for f in (out, reference)]
+    assert digest[0] == digest[1]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def next_block(out: Path) -> int:
+    with safe_open(str(partial_dir(out) / "state.safetensors"), framework="pt") as h:
+        return int(h.metadata()["next_block"])
+
+
+def test_sigkill_in_the_middle_of_a_block_then_resume_is_byte_identical(deep_model, args, tmp_path):
+    cmd = [sys.executable, "-m", "gptqlab.cli", "quantize", str(deep_model)]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run([*cmd, str(ref), *args], check=True, capture_output=True)
+
+    proc = subprocess.Popen(
+        [*cmd, str(out), *args],
+        env={**os.environ, SLOW_BLOCK_ENV: SLOW_SECONDS},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    block1 = partial_dir(out) / "blocks" / "block-00001.safetensors"
+    deadline = time.monotonic() + 300
+    while not block1.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Block 2 is now being quantized or sleeping before its save; block 1's state may be mid-write.
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert block1.exists() and not out.exists()
+    assert not (partial_dir(out) / "blocks" / "block-00003.safetensors").exists()
+
+    resumed = subprocess.run([*cmd, str(out), *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "continuing at block" in resumed.stderr
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["resumed_at_block"] in (1, 2)
+    assert len(report["layers"]) == 7 * LAYERS
+    assert not partial_dir(out).exists()
+    assert_identical(out, ref)
+
+
+@pytest.fixture(scope="module")
+def interrupted(deep_model, args, tmp_path_factory) -> Path:
+    """OUT.partial of a run stopped by Ctrl-C after block 1 was stored (tests work on copies of it)."""
+    import gptqlab.pipeline
+
+    out = tmp_path_factory.mktemp("interrupted") / "out"
+    real_save = gptqlab.pipeline.save_atomic
+
+    def interrupt_saving_block_2(tensors, path, metadata=None):
+        if path.name == "block-00002.safetensors":
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqlab.pipeline, "save_atomic", interrupt_saving_block_2)
+        assert run_cli(["quantize", deep_model, out, *args]) == 130
+    assert next_block(out) == 2
+    return partial_dir(out)
+
+
+def copy_of(interrupted: Path, tmp_path: Path) -> Path:
+    """An OUT whose OUT.partial is a copy of the interrupted run's."""
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, partial_dir(out))
+    return out
+
+
+def test_ctrl_c_keeps_progress_and_says_so(deep_model, args, tmp_path, caplog, capsys):
+    import gptqlab.pipeline
+
+    out = tmp_path / "out"
+    real_save = gptqlab.pipeline.save_atomic
+
+    def interrupt_saving_block_1(tensors, path, metadata=None):
+        if path.name == "block-00001.safetensors":
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqlab.pipeline, "save_atomic", interrupt_saving_block_1)
+        assert run_cli(["quantize", deep_model, out, *args]) == 130
+    assert "gptqlab: interrupted" in capsys.readouterr().err
+    assert "1 finished blocks are kept" in caplog.text and "rerun the same command to resume" in caplog.text
+    assert listing(partial_dir(out)) == ["blocks", "blocks/block-00000.safetensors", "run.json", "state.safetensors"]
+
+
+def test_crash_between_block_file_and_state_then_resume(deep_model, args, reference, interrupted, tmp_path, caplog):
+    """What a kill leaves after block 2's file was renamed into place but before the state that points past
+    it, or in the middle of a write: a block file beyond the state (here garbage) and temporary files."""
+    caplog.set_level(logging.INFO, logger="gptqlab")
+    out = copy_of(interrupted, tmp_path)
+    blocks = partial_dir(out) / "blocks"
+    (blocks / "block-00002.safetensors").write_bytes(b"not the real block 2")
+    (blocks / "block-00003.safetensors.tmp").write_bytes(b"half a block")
+    (partial_dir(out) / "state.safetensors.tmp").write_bytes(b"\x00" * 100)
+
+    assert run_cli(["quantize", deep_model, out, *args]) == 0
+    assert "continuing at block 2 of 4" in caplog.text
+    assert json.loads((out / "quant_report.json").read_text())["resumed_at_block"] == 2
+    assert not partial_dir(out).exists()
+    assert_identical(out, reference)
+
+
+def test_full_disk_keeps_finished_blocks_and_rerun_resumes(
+    deep_model, args, reference, interrupted, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import gptqlab.pipeline
+
+    out = copy_of(interrupted, tmp_path)
+    real_save = gptqlab.pipeline.save_atomic
+
+    def disk_fills_at_block_3(tensors, path, metadata=None):
+        if path.name == "block-00003.safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(gptqlab.pipeline, "save_atomic", disk_fills_at_block_3)
+    assert run_cli(["quantize", deep_model, out, *args]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptqlab: error: cannot write") and "\n" not in err
+    assert "block-00003.safetensors: No space left on device; free disk space" in err
+    assert "3 finished blocks are kept" in err and "rerun the same command to resume" in err
+    assert listing(partial_dir(out) / "blocks") == [f"block-0000{i}.safetensors" for i in range(3)]
+
+    assert run_cli(["quantize", deep_model, out, *args]) == 0
+    assert_identical(out, reference)
+
+
+def test_other_settings_are_refused_until_no_resume(deep_model, args, interrupted, tmp_path, capsys):
+    out = copy_of(interrupted, tmp_path)
+    before = {p: (partial_dir(out) / p).stat().st_mtime_ns for p in listing(partial_dir(out))}
+
+    assert run_cli(["quantize", deep_model, out, *args, "--bits", "3", "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run with other settings (the calibration tokens differ; bits 4 → 3; seed 0 → 5)" in err
+    assert "pass --no-resume to delete it and start over" in err and "\n" not in err
+    assert {p: (partial_dir(out) / p).stat().st_mtime_ns for p in listing(partial_dir(out))} == before
+
+    assert run_cli(["quantize", deep_model, out, *args, "--bits", "3", "--no-resume"]) == 0
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 3
+    assert json.loads((out / "quant_report.json").read_text())["resumed_at_block"] == 0
+    assert not partial_dir(out).exists()
+
+
+def test_resume_flag_needs_a_run_in_progress(deep_model, args, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(["quantize", deep_model, out, *args, "--resume"]) == 2
+    assert f"--resume: there is no run in progress at {partial_dir(out)}" in capsys.readouterr().err
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate_state", "state.safetensors is damaged"),
+        ("drop_block", "does not match the block files"),
+        ("drop_run_json", "is not a gptqlab run in progress (no run.json)"),
+        ("edit_model", "model file model.safetensors changed"),
+    ],
+)
+def test_damaged_progress_is_refused_and_kept(deep_model, args, interrupted, tmp_path, capsys, damage, message):
+    out = copy_of(interrupted, tmp_path)
+    partial = partial_dir(out)
+    if damage == "truncate_state":
+        state = partial / "state.safetensors"
+        state.write_bytes(state.read_bytes()[:-100])
+    elif damage == "drop_block":
+        (partial / "blocks" / "block-00000.safetensors").unlink()
+    elif damage == "drop_run_json":
+        (partial / "run.json").unlink()
+    else:
+        deep_model = shutil.copytree(deep_model, tmp_path / "model")
+        os.utime(deep_model / "model.safetensors")  # as if its weights had been rewritten
+    kept = listing(partial)
+    assert run_cli(["quantize", deep_model, out, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert listing(partial) == kept and not out.exists()
