@@ -200,7 +200,10 @@ class TorchBinWeights:
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises several unrelated types for a bad pickle
-                raise CheckpointError(f"{f}: cannot be read safely as weights ({type(exc).__name__}: {exc})") from exc
+                raise CheckpointError(
+                    f"{f}: cannot be read safely as weights ({type(exc).__name__}: {_unpickling_reason(exc)}); "
+                    "only plain tensors are loaded from .bin files: get a safetensors copy of the model"
+                ) from exc
             if not isinstance(state, dict):
                 raise CheckpointError(f"{f}: expected a state dict, found {type(state).__name__}")
             for key, value in state.items():
@@ -247,6 +250,16 @@ def open_weights(folder: str | Path, prefix: str = "") -> SafetensorsWeights | T
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only error that says what was refused; the rest of its message explains
+    how to load the file unsafely, which is not advice to pass on."""
+    for line in str(exc).splitlines():
+        _, found, reason = line.partition("WeightsUnpickler error: ")
+        if found:
+            return reason.split(". ")[0]
+    return _first_line(exc)
 
 
 def _custom_code_files(folder: Path) -> str:
