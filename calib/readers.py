@@ -115,6 +115,13 @@ def render_belle(record: Any, where: str) -> str:
     )
 
 
+def _undecodable(exc: ValueError | RecursionError) -> str:
+    """Why json rejected well-formed text: Python limits nesting depth and the digits of an integer."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to decode"
+    return "holds an integer too long to convert"
+
+
 def _jsonl_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
     """(1-based line number, decoded record) for every non-blank line."""
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and similar, which splitlines breaks on.
@@ -128,6 +135,8 @@ def _jsonl_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
                 f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
                 "each line of a JSON-lines file must hold one record"
             ) from None
+        except (ValueError, RecursionError) as exc:
+            raise CalibrationError(f"{path} line {number}: the record {_undecodable(exc)}") from None
 
 
 def _json_array_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
@@ -157,6 +166,9 @@ def _json_array_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
             raise json.JSONDecodeError("Extra data", text, pos)
     except json.JSONDecodeError as exc:
         raise CalibrationError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        line = text.count("\n", 0, pos) + 1
+        raise CalibrationError(f"{path} line {line}: the record {_undecodable(exc)}") from None
 
 
 def _json_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
@@ -167,14 +179,17 @@ def _json_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
         return _json_array_records(text, path)
     if not start.startswith("{"):
         raise CalibrationError(f"{path}: expected a JSON list of BELLE records, or one record per line")
+    first_line = text.count("\n", 0, text.index("{")) + 1
     try:
-        return iter([(text.count("\n", 0, text.index("{")) + 1, json.loads(text))])
+        return iter([(first_line, json.loads(text))])
     except json.JSONDecodeError as exc:
         error = exc
+    except (ValueError, RecursionError) as exc:
+        raise CalibrationError(f"{path} line {first_line}: the record {_undecodable(exc)}") from None
     # Many BELLE downloads named .json hold one record per line; then the first line is a whole record.
     try:
         json.loads(start.split("\n", 1)[0])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise CalibrationError(
             f"{path} line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
         ) from None

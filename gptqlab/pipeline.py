@@ -266,7 +266,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
             elif name == "calibration_sha256":
                 out.append("the calibration tokens differ")
             else:
-                out.append(f"{name} {a!r} → {b!r}")
+                out.append(f"{name.removeprefix('settings.')} {a!r} → {b!r}")
     return out
 
 
@@ -306,7 +306,7 @@ class PartialRun:
             old = json.loads(self.run_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise GptqlabError(f"{self.folder} is not a gptqlab run in progress (no run.json); {redo}") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise GptqlabError(f"{self.run_file} is damaged ({exc}); {redo}") from None
         diffs = _differences(old, record) if isinstance(old, dict) else ["run.json is not an object"]
         if diffs:

@@ -41,6 +41,12 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except RecursionError as exc:
+        raise CheckpointError(f"{path}: JSON nested too deeply to decode") from exc
+    except ValueError as exc:  # Python's limit on the digits of an integer
+        raise CheckpointError(f"{path}: holds an integer too long to convert") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -76,7 +82,7 @@ def parse_quant_config(raw: dict, source: str) -> CheckpointQuantConfig:
     if raw.get("is_marlin_format"):
         raise CheckpointError(f"{source}: Marlin-repacked weights (is_marlin_format: true) are not the GPTQ layout")
     bits = raw.get("bits")
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    if type(bits) is not int or bits not in SUPPORTED_BITS:  # 4.0 == 4, but bits must be an integer
         raise CheckpointError(f"{source}: bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits!r}")
     group_size = raw.get("group_size", -1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
