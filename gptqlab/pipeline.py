@@ -292,8 +292,8 @@ class PartialRun:
     def open(self, record: dict, resume: bool | None) -> None:
         """Find the progress of a run with this ``record``, or decide on a fresh start.
 
-        Raises GptqlabError, leaving the folder as it is, when it cannot be resumed and ``resume`` is not
-        False (which deletes it). Nothing is written here.
+        Raises GptqlabError, leaving the folder as it is, when it cannot be resumed. Only ``resume=False``
+        changes anything here: it deletes the folder.
         """
         if resume is False:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -197,6 +197,26 @@ def test_crash_between_block_file_and_state_then_resume(deep_model, args, refere
     assert_identical(out, reference)
 
 
+def test_killed_while_assembling_resumes_without_requantizing(deep_model, args, reference, interrupted, tmp_path):
+    import gptqlab.pipeline
+
+    out = copy_of(interrupted, tmp_path)
+
+    def killed_half_way(folder, tensors, max_shard_bytes):
+        (folder / "shard-00000.tmp").write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqlab.pipeline, "write_shards", killed_half_way)
+        assert run_cli(["quantize", deep_model, out, *args]) == 130
+    assert next_block(out) == LAYERS and (partial_dir(out) / "final").is_dir()
+
+    assert run_cli(["quantize", deep_model, out, *args]) == 0
+    assert json.loads((out / "quant_report.json").read_text())["resumed_at_block"] == LAYERS
+    assert len(json.loads((out / "quant_report.json").read_text())["layers"]) == 7 * LAYERS
+    assert_identical(out, reference)
+
+
 def test_full_disk_keeps_finished_blocks_and_rerun_resumes(
     deep_model, args, reference, interrupted, tmp_path, monkeypatch, capsys
 ):
