@@ -8,7 +8,7 @@ Every checkpoint, GPTQModel's included, is loaded with :func:`gptqlab.load` and 
 :func:`gptqlab.benchmarks.eval_ppl.score` on the same held-out texts.
 
 A second table shows the calibration domain effect: gptqlab GPTQ calibrated on news (peoples-daily),
-reviews and a 50/50 mix, evaluated on both held-out splits.
+reviews and a 50/50 mix (or the ``LABEL=SPEC`` sources given), evaluated on both held-out splits.
 
 Targets, checked and printed in the same run, per model, setting and evaluation text:
 
@@ -39,15 +39,16 @@ from gptqlab.benchmarks.common import (
     table,
     write_json,
 )
-from gptqlab.benchmarks.eval_ppl import eval_texts, load_and_score, model_label
+from gptqlab.benchmarks.eval_ppl import check_context, eval_texts, load_and_score, model_label
 from gptqlab.benchmarks.quantize_worker import Job
+from gptqlab.calib import load_calibration
 from gptqlab.errors import ConfigError, GptqlabError
 
 DEFAULT_MODELS = ("tiny-zh-llama", "tiny-zh-bloom")
 DEFAULT_SETTINGS = ("w4g128", "w4g128-act", "w3g128", "w8g128")
 DEFAULT_DATASETS = ("peoples-daily-heldout", "reviews-heldout")
 TOOLS = {"gptqlab-gptq": ("gptqlab", "gptq"), "gptqlab-rtn": ("gptqlab", "rtn"), "gptqmodel": ("gptqmodel", "gptq")}
-DOMAIN_CALIBS = (("news", "peoples-daily"), ("reviews", "reviews"), ("mix 50/50", "peoples-daily:0.5,reviews:0.5"))
+DEFAULT_DOMAIN_CALIBS = ("news=peoples-daily", "reviews=reviews", "mix 50/50=peoples-daily:0.5,reviews:0.5")
 TIE = 0.005  # target 1: within 0.5 % of GPTQModel's perplexity counts as a tie
 NOISE = 0.001  # target 2: an RTN rise below 0.1 % of the fp16 perplexity is flagged as noise
 
@@ -92,6 +93,7 @@ class PeersOptions:
     max_chars: int | None = 40_000
     batch_size: int = 8
     domain: bool = True
+    domain_calibs: list[str] = field(default_factory=lambda: list(DEFAULT_DOMAIN_CALIBS))
     domain_bits: int = 3
     domain_group_size: int = 128
     device: str = "cpu"
@@ -100,9 +102,16 @@ class PeersOptions:
     plot_dir: str | None = None
     progress: bool = True
     parsed: list[Setting] = field(init=False)
+    domain_sources: list[tuple[str, str]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.parsed = [Setting.parse(s) for s in self.settings]
+        self.domain_sources = []
+        for item in self.domain_calibs:
+            label, sep, spec = item.partition("=")
+            if not sep or not label.strip() or not spec.strip():
+                raise ConfigError(f"--domain-calib: {item!r} is not LABEL=SPEC, e.g. 'news=peoples-daily'")
+            self.domain_sources.append((label.strip(), spec.strip()))
         if not self.models or not self.parsed or not self.tools or not self.datasets:
             raise ConfigError("--models, --settings, --tools and --datasets each need at least one value")
         unknown = [t for t in self.tools if t not in TOOLS]
@@ -131,7 +140,24 @@ class Runner:
         self.texts = texts
         self.runs: dict[str, dict] = {}
         self.scores: dict[str, list[dict]] = {}
+        self.calibrations: dict[tuple[str, str], tuple[str, float]] = {}
         self.step = 0
+
+    def calibration(self, model_dir: Path, calib: str) -> tuple[str, float]:
+        """SHA-256 of the calibration tokens every quantizer of ``model_dir`` gets for ``calib``, and the
+        seconds it takes to draw them; gptqlab's pipeline draws exactly these (same function, arguments
+        and seed), GPTQModel's child draws them too and reports its hash, which must agree."""
+        from transformers import AutoTokenizer
+
+        from gptqlab.benchmarks.quantize_worker import tokens_sha256
+
+        key = (str(model_dir), calib)
+        if key not in self.calibrations:
+            start = time.perf_counter()
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            ids = load_calibration(calib, tokenizer, self.opts.nsamples, self.opts.seqlen, self.opts.seed)
+            self.calibrations[key] = (tokens_sha256(ids.input_ids), time.perf_counter() - start)
+        return self.calibrations[key]
 
     def quantize(self, model_dir: Path, label: str, tool: str, setting: Setting, calib: str) -> dict:
         """Run one quantizer in a child process (once per distinct job); returns its result dict."""
@@ -154,18 +180,23 @@ class Runner:
             seqlen=self.opts.seqlen,
             seed=self.opts.seed,
             device=self.opts.device,
+            scratch=str(self.work),
         )
         job_file, result_file, log_file = (out.with_name(out.name + e) for e in (".job.json", ".result.json", ".log"))
         job_file.write_text(json.dumps(asdict(job)), encoding="utf-8")
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TQDM_DISABLE": "1"}
         command = [sys.executable, "-m", "gptqlab.benchmarks.quantize_worker", str(job_file), str(result_file)]
         with log_file.open("w", encoding="utf-8") as log:
-            done = subprocess.run(command, cwd=self.work, env=env, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             tail = [line.strip() for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines()]
             last = " | ".join([line for line in tail if line][-2:])[-400:]
             raise GptqlabError(f"{tool} failed on {label} {setting.name} (exit {done.returncode}): {last}")
         result = json.loads(result_file.read_text(encoding="utf-8"))
+        sha, seconds = self.calibration(model_dir, calib)
+        if result.setdefault("calib_sha256", sha) != sha:
+            raise GptqlabError(f"{tool} was given other calibration tokens than gptqlab for {label} ({calib})")
+        result.setdefault("calib_seconds", seconds)
         result.update(tool=tool, model=label, setting=setting.name, out=str(out), size_mb=folder_size_mb(out))
         self.runs[str(out)] = result
         self.step += 1
@@ -339,7 +370,9 @@ def run(opts: PeersOptions) -> dict:
 
     dev = resolve_device(opts.device)
     texts = eval_texts(opts.datasets, opts.max_chars)
-    models = [(model_label(m), resolve_model_dir(m)) for m in opts.models]
+    models = [(model_label(m), resolve_model_dir(m).resolve()) for m in opts.models]
+    for _, model_dir in models:
+        check_context(str(model_dir), max(opts.seqlen, opts.eval_seqlen))
     env = environment(dev)
     print(env_line(env))
     print(
@@ -349,7 +382,7 @@ def run(opts: PeersOptions) -> dict:
         f"{', '.join(d for d, _ in texts)}"
     )
     started = time.perf_counter()
-    work = Path(opts.work_dir or tempfile.mkdtemp(prefix="gptqlab-peers-")).expanduser()
+    work = Path(opts.work_dir or tempfile.mkdtemp(prefix="gptqlab-peers-")).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(opts, work, texts)
     rows: list[dict] = []
@@ -366,7 +399,7 @@ def run(opts: PeersOptions) -> dict:
                         rows.append(_row(score, name, method, setting, result, result["size_mb"]))
             if opts.domain:
                 setting = Setting(opts.domain_bits, opts.domain_group_size, False)
-                for calib_label, calib in DOMAIN_CALIBS:
+                for calib_label, calib in opts.domain_sources:
                     result = runner.quantize(model_dir, label, "gptqlab-gptq", setting, calib)
                     for score in runner.evaluate(Path(result["out"]), label):
                         domain.append(
@@ -396,7 +429,11 @@ def run(opts: PeersOptions) -> dict:
     print("\ntargets")
     print(targets_report(targets))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    options = {k: v for k, v in asdict(opts).items() if k not in ("parsed", "json_path", "plot_dir", "progress")}
+    options = {
+        k: v
+        for k, v in asdict(opts).items()
+        if k not in ("parsed", "domain_sources", "json_path", "plot_dir", "progress")
+    }
     result = {
         "env": env,
         "options": options,

@@ -41,6 +41,18 @@ def eval_texts(datasets: Sequence[str], max_chars: int | None) -> list[tuple[str
     return texts
 
 
+def check_context(model: str, seqlen: int) -> None:
+    """Refuse a window longer than the model's context before any weights are loaded."""
+    from transformers import AutoConfig
+
+    from gptqlab.evaluate import model_context_length
+    from gptqlab.pipeline import resolve_model_dir
+
+    context = model_context_length(AutoConfig.from_pretrained(resolve_model_dir(model)))
+    if context is not None and seqlen > context:
+        raise ConfigError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens")
+
+
 def score(
     model,
     tokenizer,
@@ -111,6 +123,7 @@ def run(
     check_positive(batch_size, "--batch-size")
     dev = resolve_device(device)
     texts = eval_texts(datasets, max_chars)
+    check_context(model, seqlen)
     rows = load_and_score(model, texts, seqlen, stride, dev, batch_size, progress)
     env = environment(dev)
     print(env_line(env))

@@ -5,16 +5,21 @@
 JOB holds a :class:`Job` as JSON. The libraries are imported before the clock starts; the timed region
 goes from the unquantized model folder to a saved checkpoint and includes drawing the calibration
 windows, for every tool alike. RESULT receives the seconds, the peak and starting RSS of this process,
-the peak CUDA memory, a SHA-256 of the calibration tokens (equal for every tool given the same spec,
-nsamples, seqlen and seed) and, for gptqlab, the time at which each decoder block's file appeared.
+the peak CUDA memory, for gptqlab the time at which each decoder block's file appeared, and for GPTQModel
+a SHA-256 of the calibration tokens it was given and the seconds it took to draw them (gptqlab's
+pipeline draws the same tokens from the same spec, nsamples, seqlen and seed; the parent checks that
+the hashes agree).
 
-The parent sets ``GPTQMODEL_CPU_WORKERS`` and a scratch working directory (GPTQModel writes ./logs).
+The child starts in the parent's working directory, so relative paths in the calibration spec mean the
+same for every tool; GPTQModel, which writes ./logs, runs in ``Job.scratch``. The parent sets
+``GPTQMODEL_CPU_WORKERS``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -27,7 +32,8 @@ TOOLS = ("gptqlab", "gptqmodel")
 @dataclass(frozen=True)
 class Job:
     """One quantization: ``tool`` gptqlab (``method`` gptq or rtn) or gptqmodel (gptq); ``model`` is a
-    model folder (not an embedded name); ``out`` must not exist."""
+    model folder (not an embedded name); ``out`` must not exist; ``scratch`` is the working directory
+    for GPTQModel."""
 
     tool: str
     method: str
@@ -42,6 +48,7 @@ class Job:
     seqlen: int
     seed: int = 0
     device: str = "cpu"
+    scratch: str = "."
 
     def __post_init__(self) -> None:
         if self.tool not in TOOLS:
@@ -88,9 +95,22 @@ class BlockWatcher(threading.Thread):
         return [self.seen[name] for name in sorted(self.seen)]
 
 
-def run_gptqlab(job: Job) -> dict:
-    from transformers import AutoTokenizer
+def import_everything(job: Job) -> None:
+    """Import what either tool imports lazily on first use (transformers loads an architecture's config
+    and modeling modules on demand), so that no tool's clock includes Python imports."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    import gptqlab.calib
+    import gptqlab.driver
+    import gptqlab.pipeline  # noqa: F401
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(job.model))]
+    if job.tool == "gptqmodel":
+        import gptqmodel  # noqa: F401
+
+
+def run_gptqlab(job: Job) -> dict:
     from gptqlab.pipeline import QuantizeOptions, quantize
 
     opts = QuantizeOptions(
@@ -116,9 +136,7 @@ def run_gptqlab(job: Job) -> dict:
     finally:
         watcher.stopped.set()
         watcher.join()
-    seconds = time.perf_counter() - start
-    ids = calibration_ids(job, AutoTokenizer.from_pretrained(job.model))
-    return {"seconds": seconds, "block_seconds": watcher.times(), "calib_sha256": tokens_sha256(ids)}
+    return {"seconds": time.perf_counter() - start, "block_seconds": watcher.times()}
 
 
 def run_gptqmodel(job: Job) -> dict:
@@ -128,6 +146,8 @@ def run_gptqmodel(job: Job) -> dict:
 
     start = time.perf_counter()
     ids = calibration_ids(job, AutoTokenizer.from_pretrained(job.model))  # [nsamples, seqlen]
+    calib_seconds = time.perf_counter() - start
+    os.chdir(job.scratch)
     config = QuantizeConfig(
         bits=job.bits,
         group_size=job.group_size,
@@ -136,6 +156,7 @@ def run_gptqmodel(job: Job) -> dict:
         damp_percent=job.damp_percent,
         sym=True,
         true_sequential=True,
+        device=job.device,
     )
     # float32 like gptqlab on the CPU; GPTQModel's CPU default would be bfloat16
     dtype = torch.float32 if job.device == "cpu" else torch.float16
@@ -144,7 +165,7 @@ def run_gptqmodel(job: Job) -> dict:
     model.quantize(calibration, batch_size=1)
     model.save(job.out)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "block_seconds": [], "calib_sha256": tokens_sha256(ids)}
+    return {"seconds": seconds, "block_seconds": [], "calib_sha256": tokens_sha256(ids), "calib_seconds": calib_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,12 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = Job(**json.loads(Path(args[0]).read_text(encoding="utf-8")))
     import torch
-    import transformers  # noqa: F401  (imported before the clock starts, for every tool)
 
     from gptqlab.benchmarks.common import max_rss_mb, rss_mb
 
-    if job.tool == "gptqmodel":
-        import gptqmodel  # noqa: F401
+    import_everything(job)
     start_rss = rss_mb()
     result = run_gptqlab(job) if job.tool == "gptqlab" else run_gptqmodel(job)
     result.update(job=asdict(job), peak_rss_mb=max_rss_mb(), start_rss_mb=start_rss)

@@ -105,7 +105,12 @@ def peers(
     max_chars: int = typer.Option(40_000, help="Score the first N characters of each evaluation text."),
     batch_size: int = typer.Option(8, help="Perplexity windows per forward pass (speed only)."),
     domain: bool = typer.Option(
-        True, "--domain/--no-domain", help="Also calibrate gptqlab GPTQ on news, reviews and a 50/50 mix."
+        True, "--domain/--no-domain", help="Also calibrate gptqlab GPTQ on each --domain-calib source."
+    ),
+    domain_calib: list[str] = typer.Option(
+        ["news=peoples-daily", "reviews=reviews", "mix 50/50=peoples-daily:0.5,reviews:0.5"],
+        "--domain-calib",
+        help="Calibration source of the domain table as LABEL=SPEC, repeatable.",
     ),
     domain_bits: int = typer.Option(3, help="Bits of the calibration-domain runs (3: differences are visible)."),
     domain_group_size: int = typer.Option(128, help="Group size of the calibration-domain runs."),
@@ -134,6 +139,7 @@ def peers(
         max_chars=max_chars,
         batch_size=batch_size,
         domain=domain,
+        domain_calibs=domain_calib,
         domain_bits=domain_bits,
         domain_group_size=domain_group_size,
         device=device,

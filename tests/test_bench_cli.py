@@ -1,0 +1,227 @@
+"""``gptqlab eval ppl`` and ``gptqlab bench latency|kernels|peers`` run end to end on the tiny random
+models, and the numbers they print and write are the ones they claim to be.
+
+A random model predicts close to uniformly, so its perplexity is near the vocabulary size (512) whatever
+its weights; quantization moves it by a little, in either direction. These tests therefore check the
+plumbing (what is scored, what is compared, what is written), not quantization quality, which
+tests/quant asserts directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gptqlab.cli import main
+
+ENV_KEYS = {"date", "git_commit", "device", "torch", "transformers"}
+EVAL_FIELDS = {"model", "dataset", "seqlen", "tokens", "chars", "ppl", "bits_per_char"}
+PEERS_FIELDS = {
+    "tool",
+    "method",
+    "model",
+    "bits",
+    "group_size",
+    "act_order",
+    "dataset",
+    "ppl",
+    "bits_per_char",
+    "quantize_seconds",
+    "peak_rss_mb",
+    "size_mb",
+}
+
+
+def run_cli(argv) -> int:
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def read_json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def quantized_llama(tiny_models, tmp_path_factory):
+    """The tiny LLaMA quantized by the CLI: GPTQ, 3-bit, group size 64."""
+    out = tmp_path_factory.mktemp("q") / "llama-w3g64"
+    small = ["--bits", "3", "--group-size", "64", "--nsamples", "8", "--seqlen", "64", "-q"]
+    assert run_cli(["quantize", tiny_models["llama"], out, *small]) == 0
+    return out
+
+
+def test_eval_ppl_fp16_and_quantized(tiny_models, quantized_llama, tmp_path):
+    import gptqlab
+    from gptqlab.calib import load_eval_text
+    from gptqlab.evaluate import perplexity
+
+    fp16_json, q_json = tmp_path / "fp16.json", tmp_path / "q.json"
+    common = ["--seqlen", "64", "--max-chars", "1500", "-q"]
+    both = "peoples-daily-heldout,reviews-heldout"
+    assert run_cli(["eval", "ppl", tiny_models["llama"], "-d", both, *common, "--json", fp16_json]) == 0
+    assert run_cli(["eval", "ppl", quantized_llama, "-d", "peoples-daily-heldout", *common, "--json", q_json]) == 0
+
+    fp16 = read_json(fp16_json)
+    assert isinstance(fp16, list) and [r["dataset"] for r in fp16] == ["peoples-daily-heldout", "reviews-heldout"]
+    quant = read_json(q_json)
+    assert isinstance(quant, dict)  # one dataset: one object
+    for r in [*fp16, quant]:
+        assert EVAL_FIELDS <= set(r) and ENV_KEYS <= set(r["env"])
+        assert math.isfinite(r["ppl"]) and 1 < r["ppl"] < 1000, r
+        assert r["chars"] == 1500 and r["seqlen"] == 64 and r["tokens"] > 100
+        assert r["bits_per_char"] == pytest.approx(r["nll_sum"] / math.log(2) / r["chars"])
+        assert r["ppl"] == pytest.approx(math.exp(r["nll_sum"] / r["tokens"]))
+    # same text, same windows: the quantized model scores about as well, never clearly better
+    assert quant["tokens"] == fp16[0]["tokens"]
+    assert quant["ppl"] != fp16[0]["ppl"] and quant["ppl"] > 0.99 * fp16[0]["ppl"]
+    # the command scores exactly what gptqlab.load + perplexity give
+    _, text = load_eval_text("peoples-daily-heldout")
+    model, tokenizer = gptqlab.load(str(quantized_llama), device="cpu"), gptqlab.load_tokenizer(str(quantized_llama))
+    direct = perplexity(model, tokenizer, text[:1500], seqlen=64, progress=False)
+    assert quant["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
+
+
+def test_eval_ppl_tied_bloom_checkpoint(tiny_models, tmp_path, capsys):
+    """BLOOM ties lm_head to the input embedding; its quantized checkpoint stores no lm_head.weight."""
+    out = tmp_path / "bloom-rtn"
+    small = ["--method", "rtn", "--group-size", "64", "--nsamples", "4", "--seqlen", "32", "-q"]
+    assert run_cli(["quantize", tiny_models["bloom"], out, *small]) == 0
+    assert run_cli(["eval", "ppl", out, "--seqlen", "64", "--max-chars", "500", "-q"]) == 0
+    assert "peoples-daily-heldout" in capsys.readouterr().out
+
+
+def test_bench_latency_side_by_side(tiny_models, quantized_llama, tmp_path, capsys):
+    path = tmp_path / "latency.json"
+    argv = ["bench", "latency", quantized_llama, "--compare", tiny_models["llama"], "--batch-sizes", "1,2"]
+    assert run_cli([*argv, "--prompt-len", "8", "--gen-len", "3", "--repeats", "2", "--json", path]) == 0
+    result = read_json(path)
+    assert ENV_KEYS <= set(result["env"])
+    rows = result["rows"]
+    expected = [("baseline", 1), ("model", 1), ("baseline", 2), ("model", 2)]
+    assert [(r["role"], r["batch_size"]) for r in rows] == expected
+    for r in rows:
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_mem_mb"] >= 0
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["decode_ms_per_token"])
+    model_rows = [r for r in rows if r["role"] == "model"]
+    assert all("torch reference" in r["backend"] and "3-bit" in r["backend"] for r in model_rows)
+    assert all(r["backend"].startswith("dense") for r in rows if r["role"] == "baseline")
+    for r in model_rows:
+        base = next(b for b in rows if b["role"] == "baseline" and b["batch_size"] == r["batch_size"])
+        assert r["decode_speedup"] == pytest.approx(base["decode_ms_per_token"] / r["decode_ms_per_token"])
+        assert r["weights_mb"] < base["weights_mb"]  # packed 3-bit weights are smaller than fp32 ones
+    out = capsys.readouterr().out
+    assert "torch reference" in out and "decode ms/tok" in out
+
+
+def test_bench_kernels_cpu_reports_missing_gpu_numbers(tmp_path, capsys):
+    path = tmp_path / "kernels.json"
+    argv = ["bench", "kernels", "--shapes", "128x96", "--bits", "4,3", "--batches", "1,4", "--group-size", "32"]
+    assert run_cli([*argv, "--repeats", "2", "--device", "cpu", "--json", path]) == 0
+    result = read_json(path)
+    assert result["gpu_numbers_missing"] is True and result["peak_bandwidth_gbs"] is None
+    assert [(r["bits"], r["M"]) for r in result["rows"]] == [(4, 1), (4, 4), (3, 1), (3, 4)]
+    for r in result["rows"]:
+        assert (r["K"], r["N"], r["backend"], r["pct_peak_bw"]) == (128, 96, "torch", None)
+        assert r["us"] > 0 and r["dense_us"] > 0
+        assert r["tflops"] == pytest.approx(2 * r["M"] * 128 * 96 / r["us"] / 1e6)
+        assert r["speedup_vs_dense"] == pytest.approx(r["dense_us"] / r["us"])
+    out = capsys.readouterr().out
+    assert "GPU numbers are missing" in out and "unknown" in out
+
+
+def test_kernel_shapes_are_the_real_layers_shrunk_on_cpu():
+    from gptqlab.benchmarks.bench_kernels import parse_shapes
+
+    full = parse_shapes(["qwen2-7b"], 1)
+    assert [(k, n) for _, _, k, n in full] == [(3584, 3584), (3584, 512), (3584, 18944), (18944, 3584)]
+    shrunk = parse_shapes(["llama-7b,2048x64"], 8)
+    assert [(k, n) for _, _, k, n in shrunk] == [(512, 512), (512, 1376), (1376, 512), (2048, 64)]
+
+
+@pytest.mark.slow
+def test_bench_peers_tiny(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, plots = tmp_path / "peers.json", tmp_path / "plots"
+    from gptqlab.calib import builtin_texts
+
+    # A small calibration file: drawing windows tokenizes the whole source, which for the built-in corpora
+    # takes seconds in every quantizer's process. The domain table gets the same source, so it reuses the
+    # gptqlab GPTQ run instead of starting another quantizer.
+    (tmp_path / "news.txt").write_text("\n".join(builtin_texts("peoples-daily")[:200]), encoding="utf-8")
+    small = "--settings w3g64 --nsamples 8 --seqlen 32 --eval-seqlen 64 --max-chars 2000 --domain-group-size 64 -q"
+    calib = ["--calib", "txt:news.txt", "--domain-calib", "news=txt:news.txt"]
+    argv = ["bench", "peers", "--models", tiny_models["llama"], *small.split(), *calib]
+    assert run_cli([*argv, "--json", path, "--plot", plots]) == 0
+    result = read_json(path)
+    assert ENV_KEYS <= set(result["env"])
+    rows = result["rows"]
+    assert all(PEERS_FIELDS <= set(r) for r in rows)
+    by = {(r["tool"], r["method"], r["dataset"]): r for r in rows}
+    assert len(rows) == len(by) == 8  # (fp16, gptqlab gptq, gptqlab rtn, GPTQModel) x 2 held-out texts
+    quantized = [r for r in rows if r["tool"] != "fp16"]
+    assert len({r["calib_sha256"] for r in quantized}) == 1  # every quantizer saw the same tokens
+    assert all(r["quantize_seconds"] > 0 and r["peak_rss_mb"] > 100 and r["size_mb"] > 0 for r in quantized)
+    for dataset in ("peoples-daily-heldout", "reviews-heldout"):
+        fp16 = by[("fp16", "none", dataset)]
+        assert fp16["quantize_seconds"] is None and fp16["bits"] == 16
+        for tool, method in (("gptqlab", "gptq"), ("gptqlab", "rtn"), ("gptqmodel", "gptq")):
+            r = by[(tool, method, dataset)]
+            assert (r["bits"], r["group_size"], r["act_order"]) == (3, 64, False)
+            assert r["tokens"] == fp16["tokens"] and r["ppl"] != fp16["ppl"]
+            assert 0.9 * fp16["ppl"] < r["ppl"] < 1.1 * fp16["ppl"]
+            assert r["size_mb"] < fp16["size_mb"]
+    # each target's verdict follows from the rows
+    for t in result["targets"]:
+        if t["target"] == "ppl <= GPTQModel (0.5% tie)":
+            ours = by[("gptqlab", "gptq", t["dataset"])]["ppl"]
+            theirs = by[("gptqmodel", "gptq", t["dataset"])]["ppl"]
+            assert (t["gptqlab"], t["gptqmodel"]) == (ours, theirs)
+            assert t["status"] == ("PASS" if ours <= 1.005 * theirs else "MISS")
+        elif t["target"] == "rise over fp16 <= RTN rise / 2":
+            fp16 = by[("fp16", "none", t["dataset"])]["ppl"]
+            rise = by[("gptqlab", "gptq", t["dataset"])]["ppl"] - fp16
+            rtn_rise = by[("gptqlab", "rtn", t["dataset"])]["ppl"] - fp16
+            assert t["gptqlab_rise"] == pytest.approx(rise) and t["rtn_rise"] == pytest.approx(rtn_rise)
+            assert t["status"] == ("PASS" if rise <= 0.5 * rtn_rise else "MISS")
+        else:
+            assert t["target"] == "quantize time <= 0.5x GPTQModel"
+            ratio = t["gptqlab_seconds"] / t["gptqmodel_seconds"]
+            assert t["status"] == ("PASS" if ratio <= 0.5 else "MISS")
+    assert len(result["targets"]) == 2 + 2 + 1  # two texts for the quality targets, one time target
+    domain = result["domain"]
+    assert [r["calib_label"] for r in domain] == ["news", "news", "(fp16)", "(fp16)"]
+    assert all(math.isfinite(r["ppl"]) for r in domain)
+    news = [r for r in domain if r["calib_label"] == "news"]  # the same run as the gptqlab GPTQ rows
+    assert [r["ppl"] for r in news] == [by[("gptqlab", "gptq", r["dataset"])]["ppl"] for r in news]
+    assert len(result["runs"]) == 3
+    assert sorted(p.name for p in plots.iterdir()) == ["domain.png", "peers_cost.png", "peers_ppl.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots.iterdir())
+    out = capsys.readouterr().out
+    assert "calibration domain" in out and ("PASS" in out or "MISS" in out)
+
+
+BAD_INPUTS = [
+    ("unknown dataset", lambda m, t: ["eval", "ppl", m, "-d", "no-such-text"], "unknown evaluation text"),
+    ("seqlen beyond context", lambda m, t: ["eval", "ppl", m, "--seqlen", "300"], "context of 256"),
+    ("max chars not positive", lambda m, t: ["eval", "ppl", m, "--max-chars", "0"], "--max-chars must be positive"),
+    ("batch sizes not integers", lambda m, t: ["bench", "latency", m, "--batch-sizes", "1,x"], "not an integer"),
+    ("bad kernel shape", lambda m, t: ["bench", "kernels", "--shapes", "100x7"], "multiple of 32"),
+    ("unknown model shapes", lambda m, t: ["bench", "kernels", "--shapes", "gpt-5"], "unknown shape"),
+    ("bad setting", lambda m, t: ["bench", "peers", "--models", m, "--settings", "w4"], "cannot read 'w4'"),
+    ("unknown tool", lambda m, t: ["bench", "peers", "--models", m, "--tools", "awq"], "unknown tool 'awq'"),
+    ("missing model", lambda m, t: ["eval", "ppl", t / "nothing"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize(("what", "argv", "message"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(tiny_models, tmp_path, capsys, what, argv, message):
+    code = run_cli(argv(tiny_models["llama"], tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("gptqlab: error:") and "\n" not in err and "Traceback" not in err
+    assert message in err
