@@ -168,10 +168,12 @@ def check_config(folder: Path) -> tuple[CheckpointQuantConfig | None, list[Probl
         return qc, []
     try:
         found_hf = hf_quant_config(folder)
+    except CheckpointError as exc:
+        return qc, [_from_error(exc, folder, "config.json")]
+    try:
         hf = None if found_hf is None else parse_quant_config(found_hf[0], "config.json")
     except CheckpointError as exc:
-        text = str(exc).removeprefix(f"{folder / 'config.json'}: ").removeprefix("config.json: ")
-        return qc, [Problem("config.json", "", f"quantization_config: {text}")]
+        return qc, [Problem("config.json", "", f"quantization_config: {str(exc).removeprefix('config.json: ')}")]
     differ = [k for k in _QUANT_FIELDS if hf is not None and getattr(hf, k) != getattr(qc, k)]
     if not differ:
         return qc, []
