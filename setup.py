@@ -37,7 +37,16 @@ setup(
         "triton": ["triton>=3.0"],
         "datasets": ["datasets"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "ruff", "hypothesis", "triton>=3.0", "datasets", "matplotlib", "optimum", "gptqmodel==7.6.0"],
+        "test": [
+            "pytest",
+            "ruff",
+            "hypothesis",
+            "triton>=3.0",
+            "datasets",
+            "matplotlib",
+            "optimum",
+            "gptqmodel==7.6.0",
+        ],
     },
     entry_points={"console_scripts": ["gptqlab=gptqlab.cli:main"]},
 )
