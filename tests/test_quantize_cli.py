@@ -6,20 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 
-from gptqlab.cli import main
 from gptqlab.format import from_checkpoint
 
 SMALL = ["--nsamples", "8", "--seqlen", "64", "--group-size", "64", "-q"]
-
-
-def run_cli(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def load_all(folder):
