@@ -273,7 +273,7 @@ def _check_linear(name: str, lin: nn.Linear, weights, qc: CheckpointQuantConfig)
 
 
 def _check_plain(model: nn.Module, weights, quantized: set[str]) -> list[Problem]:
-    """Every parameter outside the quantized Linears: present, float, the right shape, finite."""
+    """Every parameter outside the Linears in ``quantized``: present, float, the right shape, finite."""
     problems = []
     out_emb = model.get_output_embeddings()
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -311,7 +311,7 @@ def check_tensors(model: nn.Module, weights, qc: CheckpointQuantConfig) -> list[
     quantized = {n for n in linears if f"{n}.qweight" in weights}
     for name in sorted(quantized):
         problems += _check_linear(name, linears[name], weights, qc)
-    return problems + _check_plain(model, weights, quantized)
+    return problems + _check_plain(model, weights, quantized | set(required))
 
 
 def ensure_sound(folder: Path, model: nn.Module, weights, qc: CheckpointQuantConfig) -> None:
@@ -368,7 +368,10 @@ def verify(folder: str | Path, hashes: bool = True, trust_remote_code: bool = Fa
     weights, problems = _open_weights(folder, model.base_model_prefix)
     report.problems += problems
     if weights is not None:
-        report.problems += check_tensors(model, weights, qc)
+        try:
+            report.problems += check_tensors(model, weights, qc)
+        except CheckpointError as exc:  # a tensor whose header is fine but whose data cannot be read
+            report.problems.append(_from_error(exc, folder, "."))
         report.layers = sum(
             1 for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.qweight" in weights
         )

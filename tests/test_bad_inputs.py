@@ -516,3 +516,16 @@ def test_real_write_error_from_safetensors(tiny_models, calib_file, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert err.startswith("gptqlab: error: cannot write ") and "File too large; free disk space" in err
     assert listing(work) == []
+
+
+def test_load_refuses_a_checkpoint_whose_weights_are_a_malicious_pickle(checkpoint, tmp_path):
+    import gptqlab
+    from gptqlab.errors import CheckpointError
+
+    folder = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "evil": _RunsCode(tmp_path / MARKER)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot be read safely as weights"):
+        gptqlab.load(str(folder), device="cpu")
+    assert not (tmp_path / MARKER).exists()

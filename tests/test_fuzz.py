@@ -216,8 +216,9 @@ def test_mutated_checkpoint(checkpoint, mutation):
         try:
             full = verify(folder)
             cheap = verify(folder, hashes=False)
-        except GptqlabError:
-            return  # a usage-level refusal (e.g. a flipped model_type that asks for custom code)
+        except GptqlabError as exc:  # verify's only refusal: a config (model_type flipped) that needs custom code
+            assert "runs custom code" in str(exc)
+            return
         assert full.problems or not changed, "a damaged checkpoint passed verify"
         try:
             gptqlab.load(str(folder), device="cpu")
