@@ -1,14 +1,14 @@
 """Fused dequant-GEMM for prefill and batched inputs (M > 16): ``out = x @ W + bias``.
 
 Each program computes one [BLOCK_M, BLOCK_N] output tile. Per K step it loads a [BLOCK_M, BLOCK_K] tile
-of x and the packed words behind a [BLOCK_K, BLOCK_N] tile of W, unpacks and dequantizes them in
-registers, rounds them to x.dtype and feeds tl.dot (tensor cores for fp16/bf16) with an fp32 accumulator.
-W never exists in floating point in global memory, so the weight traffic is bits/16 of an fp16 GEMM.
+of x and the [BLOCK_K/PACK, BLOCK_N] packed words behind the matching tile of W, unpacks them in
+registers to [BLOCK_K/PACK, PACK, BLOCK_N], dequantizes, rounds to x.dtype, merges the first two dims
+into [BLOCK_K, BLOCK_N] (row kp*PACK + j is input kp*PACK + j, the order of x's columns) and feeds
+tl.dot (tensor cores for fp16/bf16) with an fp32 accumulator. W never exists in floating point in
+global memory, and each packed word is loaded and staged in shared memory once.
 
 At these M the kernel is compute bound, and the dequantization (about six ALU ops per weight element)
-is paid once per BLOCK_M rows, which is why the tiles are tall. Row k of the weight tile reads word
-k // PACK, so each word is requested PACK times; all but the first request hit L1, and the loads stay
-coalesced along N. This is simpler than an in-register interleave and costs little at these M.
+is paid once per BLOCK_M rows, which is why the tiles are tall.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from gptqlab.kernels.common import (
     m_bucket,
     tile_in_one_group,
 )
-from gptqlab.kernels.layout import resolve_group_size
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -124,43 +123,51 @@ def _dequant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_mask = offs_m < M
     n_mask = offs_n < N
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK  # packed rows per K tile
     offs_kb = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    # bit offset of row k inside its word; tiles start at multiples of BLOCK_K, hence of PACK
-    shift = (offs_kb % PACK) * BITS  # [BLOCK_K]
+    offs_kpb = tl.arange(0, BLOCK_KP)  # [BLOCK_KP]
+    shifts = tl.arange(0, PACK) * BITS  # [PACK] bit offset of code j in a word
+    packed_rows = K // PACK
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb  # [BLOCK_K]
-        k_mask = offs_k < K
-        kn_mask = k_mask[:, None] & n_mask[None, :]  # [BLOCK_K, BLOCK_N]
+        offs_kp = k0 // PACK + offs_kpb  # [BLOCK_KP]
+        kp_mask = offs_kp < packed_rows
+        kn_mask = kp_mask[:, None] & n_mask[None, :]  # [BLOCK_KP, BLOCK_N]
 
         # -- activations [BLOCK_M, BLOCK_K]
         a = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
+            mask=m_mask[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
 
-        # -- packed words [BLOCK_K, BLOCK_N]: row k reads word k // PACK (repeats hit L1)
+        # -- packed words [BLOCK_KP, BLOCK_N], each loaded once (and staged in shared memory once)
         words = tl.load(
-            qweight_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            qweight_ptr + offs_kp[:, None] * stride_qk + offs_n[None, :] * stride_qn,
             mask=kn_mask,
             other=0,
         )
 
-        # -- scales and zeros: one [1, BLOCK_N] row when the tile lies in one group, else [BLOCK_K, BLOCK_N]
+        # -- scales and zeros: one [BLOCK_N] row (loaded 1-D, see gemv.py) when the tile lies in one group,
+        #    else one row per word row (the codes of a word share a group)
         if ONE_GROUP_PER_TILE:
             g = k0 // group_size
-            s = tl.load(scales_ptr + g * stride_sg + offs_n[None, :] * stride_sn, mask=n_mask[None, :], other=0.0)
-            z = tl.load(zeros_ptr + g * stride_zg + offs_n[None, :] * stride_zn, mask=n_mask[None, :], other=0)
+            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+            z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0)[None, :]
         else:
-            g = offs_k // group_size  # [BLOCK_K]
+            g = (offs_kp * PACK) // group_size  # [BLOCK_KP]
             s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask, other=0.0)
             z = tl.load(zeros_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=kn_mask, other=0)
 
-        # -- dequantize [BLOCK_K, BLOCK_N] (exact in fp32), round once to x.dtype, multiply on tensor cores
-        w = dequantize_codes(words, shift[:, None], bias_zeros(z), s.to(tl.float32), BITS)
-        acc = tl.dot(a, w.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+        # -- unpack to [BLOCK_KP, PACK, BLOCK_N] (exact fp32), round once to x.dtype; merging the first two
+        #    dims gives row kp*PACK + j = input k0 + kp*PACK + j, the order of x's columns
+        w = dequantize_codes(
+            words[:, None, :], shifts[None, :, None], bias_zeros(z)[:, None, :], s.to(tl.float32)[:, None, :], BITS
+        )
+        w = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_K, BLOCK_N))  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
     # -- epilogue: bias in fp32, one rounding to the output dtype
     if HAS_BIAS:
@@ -187,12 +194,13 @@ def gemm(
     qweight: [K*bits/32, N] int32, codes packed along K (``pack_rows`` layout), bits in {2, 4, 8}.
     zeros: [G, N] integer, actual zero points (unpacked, v1 offset applied).
     scales: [G, N] float (fp16 as stored).
-    group_size: input rows per group, -1 for one group. Groups must be contiguous: row k is in group
-        k // group_size (QuantLinear reorders act-order checkpoints at load time to make it so).
+    group_size: input rows per group (a multiple of 32 / bits), -1 for one group. Groups must be
+        contiguous: row k is in group k // group_size (QuantLinear reorders act-order checkpoints at load
+        time to make it so).
     bias: [N] or None.
     returns: [M, N] in x.dtype, accumulated in fp32; equal to ``reference.matmul`` up to summation order.
     """
-    m, n, k = check_launch(x, qweight, zeros, scales, bits, group_size, bias)
+    m, n, k, gs = check_launch(x, qweight, zeros, scales, bits, group_size, bias)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
@@ -212,7 +220,7 @@ def gemm(
         m,
         n,
         k,
-        resolve_group_size(group_size, k),
+        gs,
         m_bucket(m),
         x.stride(0),
         x.stride(1),

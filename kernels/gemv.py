@@ -33,7 +33,7 @@ from gptqlab.kernels.common import (
     m_bucket,
     tile_in_one_group,
 )
-from gptqlab.kernels.layout import GEMV_MAX_M, resolve_group_size
+from gptqlab.kernels.layout import GEMV_MAX_M
 
 
 def gemv_configs() -> list[triton.Config]:
@@ -146,11 +146,13 @@ def _dequant_gemv_kernel(
             eviction_policy="evict_first",
         )
 
-        # -- scales and zeros: [1, BLOCK_N] when the tile lies in one group, else one row per word row
+        # -- scales and zeros: one [BLOCK_N] row when the tile lies in one group, else one row per word row.
+        #    The row is loaded 1-D and broadcast: a [1, BLOCK_N] load would impose its own layout (all threads
+        #    along N) on the whole loop body and spill registers.
         if ONE_GROUP_PER_TILE:
             g = k0 // group_size
-            s = tl.load(scales_ptr + g * stride_sg + offs_n[None, :] * stride_sn, mask=n_mask[None, :], other=0.0)
-            z = tl.load(zeros_ptr + g * stride_zg + offs_n[None, :] * stride_zn, mask=n_mask[None, :], other=0)
+            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+            z = tl.load(zeros_ptr + g * stride_zg + offs_n * stride_zn, mask=n_mask, other=0)[None, :]
         else:
             g = (offs_kp * PACK) // group_size  # [BLOCK_KP]; a word's codes share a group
             s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=kn_mask, other=0.0)
@@ -209,15 +211,9 @@ def gemv(
     bias: [N] or None.
     returns: [M, N] in x.dtype, accumulated in fp32; equal to ``reference.matmul`` up to summation order.
     """
-    m, n, k = check_launch(x, qweight, zeros, scales, bits, group_size, bias)
+    m, n, k, gs = check_launch(x, qweight, zeros, scales, bits, group_size, bias)
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got M={m}; use gemm for larger batches")
-    gs = resolve_group_size(group_size, k)
-    if gs % (32 // bits):
-        raise ValueError(
-            f"gemv needs group_size to be a multiple of {32 // bits} (the codes in one {bits}-bit word must share "
-            f"a group), got {group_size}; use gemm or the torch reference"
-        )
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     if m == 0 or n == 0:
         return out.to(x.dtype)
