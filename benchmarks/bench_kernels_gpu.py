@@ -89,7 +89,9 @@ def _time_us(call, copies: int, reps: int) -> tuple[float, str]:
     return statistics.median(samples), mode
 
 
-def bench_one(kernels, k: int, n: int, m: int, bits: int, group_size: int, dtype, reps: int) -> dict:
+def bench_one(
+    kernels, k: int, n: int, m: int, bits: int, group_size: int, dtype, reps: int, device: str = "cuda"
+) -> dict:
     """Time and check one (layer, M, bits) point; returns one JSON row."""
     import torch
 
@@ -97,19 +99,19 @@ def bench_one(kernels, k: int, n: int, m: int, bits: int, group_size: int, dtype
     from gptqlab.kernels.gemm import _dequant_gemm_kernel
     from gptqlab.kernels.gemv import _dequant_gemv_kernel
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     groups = math.ceil(k / (k if group_size == -1 else group_size))
     pack_bytes = k * n * bits // 8 + groups * n * 3  # codes + uint8 zeros + fp16 scales
     copies = max(1, min(64, math.ceil(L2_SWEEP_BYTES / pack_bytes)))
     layers = [
         (
-            torch.randint(-(2**31), 2**31 - 1, (k * bits // 32, n), device="cuda", dtype=torch.int32, generator=gen),
-            torch.randint(0, 2**bits, (groups, n), device="cuda", dtype=torch.uint8, generator=gen),
-            (torch.rand(groups, n, device="cuda", generator=gen) * 2e-3 + 1e-4).to(torch.float16),
+            torch.randint(-(2**31), 2**31 - 1, (k * bits // 32, n), device=device, dtype=torch.int32, generator=gen),
+            torch.randint(0, 2**bits, (groups, n), device=device, dtype=torch.uint8, generator=gen),
+            (torch.rand(groups, n, device=device, generator=gen) * 2e-3 + 1e-4).to(torch.float16),
         )
         for _ in range(copies)
     ]
-    x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    x = torch.randn(m, k, device=device, generator=gen).to(dtype)
 
     def quantized(i):
         qweight, zeros, scales = layers[i]
@@ -123,7 +125,7 @@ def bench_one(kernels, k: int, n: int, m: int, bits: int, group_size: int, dtype
     config = (_dequant_gemv_kernel if kernel == "gemv" else _dequant_gemm_kernel).best_config
 
     dense_copies = max(1, min(64, math.ceil(L2_SWEEP_BYTES / (k * n * 2))))
-    dense = [torch.randn(k, n, device="cuda", generator=gen).to(dtype) for _ in range(dense_copies)]
+    dense = [torch.randn(k, n, device=device, generator=gen).to(dtype) for _ in range(dense_copies)]
     dense_us, _ = _time_us(lambda i: x @ dense[i], dense_copies, reps)
 
     io_bytes = (m * k + m * n) * x.element_size()
@@ -142,7 +144,7 @@ def bench_one(kernels, k: int, n: int, m: int, bits: int, group_size: int, dtype
         "dense_gbps": (k * n * 2 + io_bytes) / dense_us / 1e3,
         "speedup_vs_dense": dense_us / us,
         "max_rel_err": err,
-        "config": str(config),
+        "config": " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps}",
         "timing": mode,
     }
 
