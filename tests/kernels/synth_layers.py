@@ -135,3 +135,22 @@ def patch_interpreter_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(builder, "create_dot", create_dot)
     monkeypatch.setattr(builder, "cast_impl", cast_impl)
+
+
+def check_interpreter_mode() -> None:
+    """Fail early, with the fix, when triton was imported before TRITON_INTERPRET=1 was set.
+
+    triton builds its own jit helpers (``tl.cdiv``) when it is first imported; imported without the
+    variable, they are GPU functions, and every interpreted kernel then fails with "Cannot call
+    @triton.jit'd outside of the scope of a kernel".
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    import triton.language as tl
+
+    if type(tl.cdiv).__name__ != "InterpretedFunction":
+        pytest.fail(
+            "triton was imported before TRITON_INTERPRET=1 was set (by a test module collected earlier); "
+            "export TRITON_INTERPRET=1, or run `pytest tests/kernels` on its own",
+            pytrace=False,
+        )

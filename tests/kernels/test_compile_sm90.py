@@ -6,6 +6,7 @@ a cubin with the ptxas in triton's wheel. A spill shows up as a nonzero stack fr
 that spilled thousands of bytes is how the 1-D scale rows in gemv.py came about.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# triton is only found here, not imported: the other kernel tests need TRITON_INTERPRET=1 set before
+# the first import of triton in this process.
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90

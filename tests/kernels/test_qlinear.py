@@ -13,13 +13,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from synth_layers import assert_within_one_ulp, make_layer, patch_interpreter_bf16
+from synth_layers import assert_within_one_ulp, check_interpreter_mode, make_layer, patch_interpreter_bf16
 
 from gptqlab import kernels
 from gptqlab.errors import CheckpointError
 from gptqlab.kernels import reference
 from gptqlab.qlinear import QuantLinear
 
+check_interpreter_mode()
 INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 if not INTERPRETED and not torch.cuda.is_available():

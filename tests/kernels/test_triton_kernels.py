@@ -24,12 +24,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from synth_layers import assert_within_one_ulp, make_layer, patch_interpreter_bf16
+import triton
+from synth_layers import assert_within_one_ulp, check_interpreter_mode, make_layer, patch_interpreter_bf16
 
+from gptqlab.kernels import gemm as gemm_module
+from gptqlab.kernels import gemv as gemv_module
 from gptqlab.kernels import gptq_matmul, reference
 from gptqlab.kernels.gemm import gemm
 from gptqlab.kernels.gemv import gemv
 
+check_interpreter_mode()
 INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -181,3 +185,21 @@ def test_kernels_reject_bad_operands_with_actionable_messages(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="need CUDA tensors"):
             gemm(x, qweight, zeros, scales, 4, 128)
+
+
+def test_autotune_pruning_keeps_useful_configs():
+    def gemv_cfg(block_kp, split_k):
+        return triton.Config({"BLOCK_N": 128, "BLOCK_KP": block_kp, "SPLIT_K": split_k}, num_warps=4)
+
+    prune = gemv_module._prune_gemv_configs
+    small, wide, split16 = gemv_cfg(16, 4), gemv_cfg(32, 4), gemv_cfg(16, 16)
+    # K = 4096 at 4 bits: 32 tiles of 128 rows, so 16 slices fit; 32 words per thread only for M = 1
+    assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 1}, BITS=4) == [small, wide, split16]
+    assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 16}, BITS=4) == [small, split16]
+    # K = 512: 4 tiles, so 16 slices would mostly add zeros; pruning never returns nothing
+    assert prune([small, split16], {"K": 512, "M_BUCKET": 1}, BITS=4) == [small]
+    assert prune([split16], {"K": 512, "M_BUCKET": 1}, BITS=4) == [split16]
+
+    tall, short = (triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "L2_GROUP_M": 8}) for bm in (128, 32))
+    assert gemm_module._prune_gemm_configs([tall, short], {"M_BUCKET": 64}) == [short]
+    assert gemm_module._prune_gemm_configs([tall, short], {"M_BUCKET": 256}) == [tall, short]
