@@ -331,8 +331,8 @@ class PartialRun:
                 meta = h.metadata() or {}
                 finished = int(meta["next_block"])
                 reports = [LayerReport(**r) for r in json.loads(meta["reports"])]
-                inputs = [h.get_tensor(k) for k in sorted(h.keys())]
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+                inputs = [h.get_tensor(k) for k in sorted(h.keys(), key=lambda k: int(k.removeprefix("x.")))]
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
             raise GptqlabError(f"{self.state_file} is damaged ({type(exc).__name__}: {exc}); {redo}") from None
         missing = [i for i in range(finished) if not self.block_file(i).is_file()]
         nsamples = record["settings"]["nsamples"]
@@ -360,11 +360,11 @@ class PartialRun:
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], reports: list[LayerReport], outputs: list) -> None:
         """Store finished block ``i``, then the state that points past it (``outputs``: block i+1's inputs)."""
         save_atomic(tensors, self.block_file(i), metadata={"format": "pt"})
-        self.reports += reports
+        reports = self.reports + reports
         state = {f"x.{j:05d}": x.detach().to("cpu").contiguous() for j, x in enumerate(outputs)}
-        meta = {"next_block": str(i + 1), "reports": json.dumps([asdict(r) for r in self.reports])}
+        meta = {"next_block": str(i + 1), "reports": json.dumps([asdict(r) for r in reports])}
         save_atomic(state, self.state_file, metadata=meta)
-        self.finished = i + 1
+        self.finished, self.reports = i + 1, reports
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
