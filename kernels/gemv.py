@@ -39,10 +39,11 @@ from gptqlab.kernels.layout import GEMV_MAX_M
 def gemv_configs() -> list[triton.Config]:
     """(BLOCK_N, BLOCK_KP, SPLIT_K) candidates for the autotuner, keyed on (M bucket, N, K).
 
-    BLOCK_N x BLOCK_KP int32 words is 8-32 KiB per iteration, enough bytes in flight per SM with 3
-    pipeline stages; SPLIT_K from 1 to 16 lets narrow layers (N = 4096) and deep ones (K = 11008) both
-    reach a few hundred programs. One config under the CPU interpreter (SPLIT_K = 2 to exercise the
-    atomic accumulation).
+    BLOCK_N x BLOCK_KP int32 words is 8-32 KiB per iteration and program. For M = 1 the loads feed no
+    tl.dot, so triton does not multi-buffer them in shared memory; the bytes in flight come from the
+    2-4 programs per SM that 72-176 registers per thread allow (sm_90 compile). SPLIT_K from 1 to 16
+    lets narrow layers (N = 4096) and deep ones (K = 11008) both reach a few hundred programs. One
+    config under the CPU interpreter (SPLIT_K = 2 to exercise the atomic accumulation).
     """
     if interpreting():
         return [triton.Config({"BLOCK_N": 128, "BLOCK_KP": 16, "SPLIT_K": 2}, num_warps=4)]
