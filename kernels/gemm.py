@@ -107,6 +107,7 @@ def _dequant_gemm_kernel(
     ONE_GROUP_PER_TILE: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS  # codes per int32 word
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK  # packed rows per K tile
 
     # -- program -> output tile. Programs sweep a band of L2_GROUP_M tile rows column by column, so the
     #    weight tiles a band needs are read from HBM once and then served from L2.
@@ -123,7 +124,6 @@ def _dequant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_mask = offs_m < M
     n_mask = offs_n < N
-    BLOCK_KP: tl.constexpr = BLOCK_K // PACK  # packed rows per K tile
     offs_kb = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     offs_kpb = tl.arange(0, BLOCK_KP)  # [BLOCK_KP]
     shifts = tl.arange(0, PACK) * BITS  # [PACK] bit offset of code j in a word
