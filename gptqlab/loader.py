@@ -64,7 +64,7 @@ def _build_qlinear(name: str, lin: nn.Linear, weights, qc: CheckpointQuantConfig
     layer = QuantLinear.from_checkpoint(
         get("qweight"),
         get("qzeros"),
-        scales.to(dtype),
+        scales,  # as stored: casting fp16 scales to bf16 would change W
         get("g_idx", optional=True),
         None if bias is None else bias.to(dtype),
         bits=qc.bits,

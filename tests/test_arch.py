@@ -4,7 +4,7 @@ without Linear decoder blocks get a clear error naming the architecture."""
 from __future__ import annotations
 
 import torch
-from conftest import VOCAB, run_cli
+from testkit import VOCAB, run_cli
 
 import gptqlab
 from gptqlab.arch import ARCHS, arch_for, discover

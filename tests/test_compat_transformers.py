@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dequantized_reference
+from testkit import dequantized_reference
 
 from gptqlab.cli import main
 

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import dequantized_reference, run_cli
 from safetensors.torch import load_file, save_file
+from testkit import dequantized_reference, run_cli
 
 import gptqlab
 from gptqlab.qlinear import QuantLinear

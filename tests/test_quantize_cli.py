@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 from safetensors.torch import load_file
+from testkit import run_cli
 
 from gptqlab.format import from_checkpoint
 
