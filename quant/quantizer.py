@@ -36,7 +36,9 @@ def _params_from_range(
         zero = torch.clamp(torch.round(-xmin / scale), min_zero, maxq)
     # Checkpoints store scales in fp16. Rounding here makes the codes, the error feedback and the saved
     # file agree exactly on the weights they represent.
-    return scale.half().float(), zero
+    # The clamp keeps a group of tiny (or huge) weights from getting a scale that fp16 stores as 0 or inf.
+    fp16 = torch.finfo(torch.float16)
+    return scale.clamp(fp16.tiny, fp16.max).half().float(), zero
 
 
 def choose_qparams(

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from testkit import build_model, build_tokenizer
+
+# Without a GPU the Triton kernels run in triton's interpreter. The variable must be set before anything
+# (transformers, datasets, the kernels) first imports triton, so it is set here, before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -107,3 +107,12 @@ def test_config_rejects_bad_values(kwargs, message):
 def test_group_size_must_divide_in_features():
     with pytest.raises(ConfigError, match="does not divide in_features=100"):
         QuantConfig(group_size=128).group_size_for(100)
+
+
+def test_scales_stay_finite_and_positive_in_fp16():
+    W = torch.zeros(4, 64)
+    W[0] = 1e-9  # would round to a zero scale in fp16
+    W[1] = 1e6  # would overflow fp16
+    res = rtn(W, QuantConfig(bits=4, group_size=64, sym=False))
+    half = res.scales.half()
+    assert torch.isfinite(half).all() and bool((half > 0).all())
