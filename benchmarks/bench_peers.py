@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from gptqlab.benchmarks.common import (
     check_positive,
     env_line,
@@ -97,6 +99,7 @@ class PeersOptions:
     domain_bits: int = 3
     domain_group_size: int = 128
     device: str = "cpu"
+    threads: int | None = None
     work_dir: str | None = None
     json_path: str | None = None
     plot_dir: str | None = None
@@ -123,6 +126,7 @@ class PeersOptions:
             ("--eval-seqlen", self.eval_seqlen),
             ("--max-chars", self.max_chars),
             ("--batch-size", self.batch_size),
+            ("--threads", self.threads),
         ):
             check_positive(value, flag)
         if not 0 < self.damp_percent < 1:
@@ -185,6 +189,8 @@ class Runner:
         job_file, result_file, log_file = (out.with_name(out.name + e) for e in (".job.json", ".result.json", ".log"))
         job_file.write_text(json.dumps(asdict(job)), encoding="utf-8")
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TQDM_DISABLE": "1"}
+        if self.opts.threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.opts.threads)
         command = [sys.executable, "-m", "gptqlab.benchmarks.quantize_worker", str(job_file), str(result_file)]
         with log_file.open("w", encoding="utf-8") as log:
             done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -369,6 +375,8 @@ def run(opts: PeersOptions) -> dict:
     from gptqlab.pipeline import resolve_model_dir
 
     dev = resolve_device(opts.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)  # the children get OMP_NUM_THREADS
     texts = eval_texts(opts.datasets, opts.max_chars)
     models = [(model_label(m), resolve_model_dir(m).resolve()) for m in opts.models]
     for _, model_dir in models:

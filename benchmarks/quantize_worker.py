@@ -69,8 +69,9 @@ def tokens_sha256(ids) -> str:
 
 
 class BlockWatcher(threading.Thread):
-    """Records when each ``block-NNNNN.safetensors`` appears in gptqlab's ``OUT.partial/blocks`` folder
-    (the pipeline writes a block's file once the block is done), in seconds after ``start``."""
+    """Records, in seconds after ``start``, when gptqlab's ``OUT.partial/blocks`` folder appears (the
+    pipeline makes it once the model skeleton, embeddings and calibration are ready, just before the
+    first block) and when each ``block-NNNNN.safetensors`` appears in it (once that block is done)."""
 
     def __init__(self, out: Path, start: float, interval: float = 0.05):
         super().__init__(daemon=True)
@@ -78,6 +79,7 @@ class BlockWatcher(threading.Thread):
         self.start_time = start
         self.interval = interval
         self.seen: dict[str, float] = {}
+        self.folder_seen: float | None = None
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -88,6 +90,8 @@ class BlockWatcher(threading.Thread):
     def poll(self) -> None:
         if self.folder.is_dir():
             now = time.perf_counter() - self.start_time
+            if self.folder_seen is None:
+                self.folder_seen = now
             for f in self.folder.glob("block-*.safetensors"):
                 self.seen.setdefault(f.name, now)
 
@@ -136,7 +140,8 @@ def run_gptqlab(job: Job) -> dict:
     finally:
         watcher.stopped.set()
         watcher.join()
-    return {"seconds": time.perf_counter() - start, "block_seconds": watcher.times()}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "setup_seconds": watcher.folder_seen, "block_seconds": watcher.times()}
 
 
 def run_gptqmodel(job: Job) -> dict:

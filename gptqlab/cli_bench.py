@@ -115,6 +115,9 @@ def peers(
     domain_bits: int = typer.Option(3, help="Bits of the calibration-domain runs (3: differences are visible)."),
     domain_group_size: int = typer.Option(128, help="Group size of the calibration-domain runs."),
     device: str = typer.Option("cpu", help="Where quantizers and evaluation run: cpu, cuda or auto."),
+    threads: int = typer.Option(
+        None, help="torch threads in this process and OMP_NUM_THREADS in every quantizer's (default: torch's)."
+    ),
     work_dir: str = typer.Option(None, help="Keep checkpoints, job files and quantizer logs here (default: temp)."),
     json: str = typer.Option(None, "--json", help=JSON_HELP),
     plot: str = typer.Option(None, "--plot", help="Write PNG charts (perplexity, cost, domain) to this folder."),
@@ -143,6 +146,7 @@ def peers(
         domain_bits=domain_bits,
         domain_group_size=domain_group_size,
         device=device,
+        threads=threads,
         work_dir=work_dir,
         json_path=json,
         plot_dir=plot,
