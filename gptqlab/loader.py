@@ -113,7 +113,7 @@ def load(
     if raw_qc is not None:
         del config.quantization_config  # build a plain model; gptqlab does the quantized layers itself
     model = model_skeleton(config, trust_remote_code)
-    weights = open_weights(folder, prefix=model.base_model_prefix)
+    weights = open_weights(folder, prefix=model.base_model_prefix, model=model)
     names = quantized_linear_names(model, weights)
     if not names:
         raise CheckpointError(f"{folder}: the config says GPTQ, but no tensor named '*.qweight' matches the model")

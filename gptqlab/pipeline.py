@@ -437,7 +437,7 @@ def quantize(opts: QuantizeOptions) -> Path:
     if opts.progress:
         print(calib.summary())
 
-    weights = open_weights(model_dir, prefix=model.base_model_prefix)
+    weights = open_weights(model_dir, prefix=model.base_model_prefix, model=model)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     block_prefix = arch.blocks + "."
     for name, p in list(model.named_parameters()):

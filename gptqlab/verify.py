@@ -322,7 +322,7 @@ def ensure_sound(folder: Path, model: nn.Module, weights, qc: CheckpointQuantCon
         raise CheckpointError(f"{folder}/{problems[0]}{more}")
 
 
-def _open_weights(folder: Path, prefix: str):
+def _open_weights(folder: Path, prefix: str, model=None):
     """The folder's weights, or None and one problem per unreadable file."""
     if any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).is_file():
         try:
@@ -338,7 +338,7 @@ def _open_weights(folder: Path, prefix: str):
         if problems:
             return None, problems
     try:
-        return open_weights(folder, prefix), []
+        return open_weights(folder, prefix, model=model), []
     except CheckpointError as exc:
         return None, [_from_error(exc, folder, ".")]
 
@@ -365,7 +365,7 @@ def verify(folder: str | Path, hashes: bool = True, trust_remote_code: bool = Fa
     except CheckpointError as exc:
         report.problems.append(_from_error(exc, folder, "config.json"))
         return report
-    weights, problems = _open_weights(folder, model.base_model_prefix)
+    weights, problems = _open_weights(folder, model.base_model_prefix, model)
     report.problems += problems
     if weights is not None:
         try:

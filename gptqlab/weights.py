@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -103,6 +103,7 @@ class SafetensorsWeights:
         self.folder = Path(folder)
         self.prefix = prefix
         self.files = safetensors_files(self.folder)
+        self._alias: dict[str, str] = {}
         self._where: dict[str, str] = {}
         self._handles = {}
         for f in self.files:
@@ -115,15 +116,7 @@ class SafetensorsWeights:
         return list(self._where)
 
     def _resolve(self, name: str) -> str | None:
-        if name in self._where:
-            return name
-        if self.prefix:
-            stripped = name.removeprefix(self.prefix + ".")
-            if stripped in self._where:
-                return stripped
-            if f"{self.prefix}.{name}" in self._where:
-                return f"{self.prefix}.{name}"
-        return None
+        return _resolve(name, self.prefix, self._alias, self._where)
 
     def __contains__(self, name: str) -> bool:
         return self._resolve(name) is not None
@@ -194,6 +187,7 @@ class TorchBinWeights:
         if not files:
             raise CheckpointError(f"{self.folder}: no .safetensors or pytorch_model*.bin weights found")
         self.files = [f.name for f in files]
+        self._alias: dict[str, str] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self._where: dict[str, str] = {}
         for f in files:
@@ -224,10 +218,7 @@ class TorchBinWeights:
         return tuple(t.shape), t.dtype
 
     def _resolve(self, name: str) -> str | None:
-        for key in (name, name.removeprefix(self.prefix + "."), f"{self.prefix}.{name}"):
-            if key in self._tensors:
-                return key
-        return None
+        return _resolve(name, self.prefix, self._alias, self._tensors)
 
     def __contains__(self, name: str) -> bool:
         return self._resolve(name) is not None
@@ -239,12 +230,53 @@ class TorchBinWeights:
         return self._tensors[key]
 
 
-def open_weights(folder: str | Path, prefix: str = "") -> SafetensorsWeights | TorchBinWeights:
-    """Safetensors when the folder has them, else ``.bin`` files through the safe loader."""
+def _resolve(name: str, prefix: str, alias: dict[str, str], stored) -> str | None:
+    """The stored key for module tensor ``name``: renamed (see :func:`transformers_renamer`), as it is, or
+    with the model's base prefix removed or added."""
+    candidates = [alias.get(name), name]
+    if prefix:
+        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+    return next((k for k in candidates if k is not None and k in stored), None)
+
+
+def transformers_renamer(model: nn.Module) -> Callable[[str], str] | None:
+    """The key renaming transformers applies when it loads ``model``'s checkpoints (transformers ≥ 5 keeps
+    a table: GPT-NeoX stores ``embed_out`` for the module ``lm_head``, for example), or None without one.
+    Only plain renamings are followed; tensors that transformers splits or fuses are not."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4: checkpoints use the module names
+        return None
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return None
+
+    def rename(key: str) -> str:
+        for t in renamings:
+            key, _ = t.rename_source_key(key)
+        return key
+
+    return rename
+
+
+def open_weights(
+    folder: str | Path, prefix: str = "", model: nn.Module | None = None
+) -> SafetensorsWeights | TorchBinWeights:
+    """Safetensors when the folder has them, else ``.bin`` files through the safe loader. With ``model``,
+    stored keys that transformers renames on load are also found under the module names."""
     folder = Path(folder)
     if any(folder.glob("*.safetensors")) or (folder / INDEX_FILE).is_file():
-        return SafetensorsWeights(folder, prefix)
-    return TorchBinWeights(folder, prefix)
+        weights = SafetensorsWeights(folder, prefix)
+    else:
+        weights = TorchBinWeights(folder, prefix)
+    rename = transformers_renamer(model) if model is not None else None
+    if rename is not None:
+        for key in weights.keys():
+            new = rename(key)
+            if new != key:
+                weights._alias[new] = key
+    return weights
 
 
 def _first_line(exc: BaseException) -> str:

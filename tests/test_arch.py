@@ -55,6 +55,29 @@ def test_generic_path_quantizes_opt(tokenizer_dir, tmp_path):
         assert torch.isfinite(loaded(ids).logits).all()
 
 
+def test_checkpoint_keys_that_transformers_renames(tokenizer_dir, tmp_path):
+    """transformers 5 stores GPT-NeoX's ``lm_head`` as ``embed_out``; the lazy reader follows its renaming."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    src = tmp_path / "neox"
+    GPTNeoXForCausalLM(cfg).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
+    out = tmp_path / "q"
+    assert run_cli(["quantize", src, out, "--nsamples", "4", "--seqlen", "64", "--group-size", "64", "-q"]) == 0
+    loaded = gptqlab.load(str(out), device="cpu")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 8
+    assert run_cli(["verify", out]) == 0
+
+
 def test_model_without_linear_blocks_is_named_in_the_error(tokenizer_dir, tmp_path, capsys):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
