@@ -25,6 +25,7 @@ from gptqlab.benchmarks.common import (
     median_seconds,
     peak_bandwidth_gbs,
     resolve_device,
+    set_threads,
     split_list,
     table,
     write_json,
@@ -153,15 +154,17 @@ def run(
     shrink: int | None = None,
     repeats: int | None = None,
     device: str = "auto",
+    threads: int | None = None,
     json_path: str | None = None,
 ) -> dict:
     """Benchmark every (shape, bits, M); print a table and write JSON when asked."""
     from gptqlab.quant.pack import SUPPORTED_BITS
 
     dev = resolve_device(device)
+    set_threads(threads)
     on_cuda = dev.type == "cuda"
     shrink = shrink if shrink is not None else (1 if on_cuda else CPU_SHRINK)
-    repeats = repeats if repeats is not None else (30 if on_cuda else 5)
+    repeats = repeats if repeats is not None else (30 if on_cuda else 10)
     if shrink < 1 or repeats < 1:
         raise ConfigError("--shrink and --repeats must be at least 1")
     if group_size != -1 and (group_size <= 0 or group_size % 32):

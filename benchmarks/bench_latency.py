@@ -28,6 +28,7 @@ from gptqlab.benchmarks.common import (
     env_line,
     environment,
     resolve_device,
+    set_threads,
     synchronize,
     table,
     write_json,
@@ -129,6 +130,7 @@ def run(
     repeats: int = 5,
     device: str = "auto",
     backend: str = "auto",
+    threads: int | None = None,
     json_path: str | None = None,
 ) -> dict:
     """Benchmark ``model`` and its baseline (``compare``: a model, "auto" for the one named in the
@@ -142,6 +144,7 @@ def run(
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     dev = resolve_device(device)
+    set_threads(threads)
     baseline = baseline_of(model) if compare == "auto" else None if compare in (None, "none") else compare
 
     models = {}

@@ -30,14 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from gptqlab.benchmarks.common import (
     check_positive,
     env_line,
     environment,
     folder_size_mb,
     resolve_device,
+    set_threads,
     table,
     write_json,
 )
@@ -375,8 +374,7 @@ def run(opts: PeersOptions) -> dict:
     from gptqlab.pipeline import resolve_model_dir
 
     dev = resolve_device(opts.device)
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)  # the children get OMP_NUM_THREADS
+    set_threads(opts.threads)  # the children get OMP_NUM_THREADS
     texts = eval_texts(opts.datasets, opts.max_chars)
     models = [(model_label(m), resolve_model_dir(m).resolve()) for m in opts.models]
     for _, model_dir in models:

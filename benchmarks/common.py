@@ -263,6 +263,14 @@ def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads for this process (None keeps torch's default). On a CPU that other jobs
+    share, one thread avoids the OpenMP barrier stalls that make small multi-threaded ops erratic."""
+    if threads is not None:
+        check_positive(threads, "--threads")
+        torch.set_num_threads(threads)
+
+
 def check_positive(value: int | float | None, flag: str) -> None:
     if value is not None and value <= 0:
         raise ConfigError(f"{flag} must be positive, got {value}")

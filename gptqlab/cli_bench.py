@@ -12,6 +12,7 @@ from gptqlab.cli_eval import DEVICE_HELP
 app = typer.Typer(help="Benchmarks: latency, kernels, and gptqlab against its peers.", no_args_is_help=True)
 
 JSON_HELP = "Write the results (with date, git commit, device and library versions) to this JSON file."
+THREADS_HELP = "torch CPU threads (default: torch's); 1 gives steadier timings on a CPU shared with other jobs."
 
 
 @app.command()
@@ -30,6 +31,7 @@ def latency(
     backend: str = typer.Option(
         "auto", help="QuantLinear implementation: auto (Triton on CUDA, torch on CPU), triton or torch."
     ),
+    threads: int = typer.Option(None, help=THREADS_HELP),
     json: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Prefill time, decode ms/token, tokens/s and peak memory of MODEL and its baseline."""
@@ -45,6 +47,7 @@ def latency(
         repeats=repeats,
         device=device,
         backend=backend,
+        threads=threads,
         json_path=json,
     )
 
@@ -63,8 +66,9 @@ def kernels(
     shrink: int = typer.Option(
         None, help="Divide the model shapes' K and N by this (default: 1 on CUDA, 8 on the CPU); KxN is kept."
     ),
-    repeats: int = typer.Option(None, help="Timed runs per point, median reported (default: 30 on CUDA, 5 on CPU)."),
+    repeats: int = typer.Option(None, help="Timed runs per point, median reported (default: 30 on CUDA, 10 on CPU)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    threads: int = typer.Option(None, help=THREADS_HELP),
     json: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """gptqlab's GPTQ matmul vs a dense matmul at real layer shapes: µs, TFLOP/s, GB/s, % of peak bandwidth."""
@@ -79,6 +83,7 @@ def kernels(
         shrink=shrink,
         repeats=repeats,
         device=device,
+        threads=threads,
         json_path=json,
     )
 
