@@ -159,7 +159,7 @@ def build_model(name: str, max_length: int) -> torch.nn.Module:
 
     Tied embeddings are what make the decoder matter: with an output head of its own, the model learns the
     bigram statistics on the direct path from input embedding to head and barely uses its blocks (3-bit RTN
-    raised its perplexity by 2 %); with tied ones the mapping from a token to what follows it has to be
+    raised its perplexity by 2-3 %); with tied ones the mapping from a token to what follows it has to be
     computed by the blocks' Linears.
     """
     common = {"vocab_size": VOCAB_SIZE, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
@@ -541,6 +541,12 @@ def prepare_data(max_length: int) -> TrainingData:
     return TrainingData(tokenizer, stream, stats)
 
 
+def machine(threads: int) -> str:
+    """'2-core x86_64 CPU shared with other jobs, 1 thread': where a model was trained."""
+    plural = "s" if threads > 1 else ""
+    return f"{os.cpu_count()}-core {platform.machine()} CPU shared with other jobs, {threads} thread{plural}"
+
+
 def train_model(cfg: TrainConfig, data: TrainingData, out: Path) -> Path:
     """Train one model and save it with its tokenizer and ``train_log.json``; returns its folder."""
     torch.set_num_threads(cfg.threads)
@@ -555,7 +561,7 @@ def train_model(cfg: TrainConfig, data: TrainingData, out: Path) -> Path:
     record = {
         "config": asdict(cfg),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()} CPU, {cfg.threads} threads of {os.cpu_count()} cores",
+        "machine": machine(cfg.threads),
         "data": data.stats,
         "train_seconds": train_seconds,
         "slice_ppl_before_fp16": slice_perplexity(model.eval(), tokenizer).ppl,  # the float32 weights
