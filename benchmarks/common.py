@@ -164,7 +164,14 @@ def rss_mb() -> float:
 
 
 def max_rss_mb() -> float:
-    """The largest resident set size this process has had, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The largest resident set size this process has had, in MB.
+
+    Linux: VmHWM, the peak of this process's own memory. ru_maxrss is not used there: it survives
+    execve, so a child started by a large parent would report the parent's size at the fork.
+    Elsewhere: ru_maxrss (KiB, or bytes on macOS)."""
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024 / 1e6
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 1e6 if platform.system() == "Darwin" else maxrss * 1024 / 1e6
 
