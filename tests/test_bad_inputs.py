@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from testkit import run_cli
 
 from gptqlab.calib.sources import builtin_texts
-from gptqlab.cli import main
 
 MARKER = "PWNED"  # a file that malicious inputs would create if their code ran
 
@@ -441,14 +441,6 @@ BAD_INPUTS = [
         "model.safetensors: model.layers.0.self_attn.k_proj.qweight: missing: the architecture quantizes this Linear",
     ),
 ]
-
-
-def run_cli(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def listing(folder: Path) -> list[str]:

@@ -17,21 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from testkit import run_cli
 
 from gptqlab.calib.sources import builtin_texts
-from gptqlab.cli import main
 from gptqlab.pipeline import SLOW_BLOCK_ENV, partial_dir
 
 LAYERS = 4
 SLOW_SECONDS = "2"  # each block of the killed run sleeps this long between quantizing and saving
-
-
-def run_cli(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

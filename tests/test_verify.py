@@ -10,23 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from testkit import run_cli
 
 import gptqlab
 from gptqlab.calib.sources import builtin_texts
 from gptqlab.checkpoint import write_manifest
-from gptqlab.cli import main
 from gptqlab.errors import CheckpointError
 from gptqlab.verify import Problem, verify
 
 Q = "model.layers.1.mlp.up_proj"  # K = 128, N = 256; with group size 64: G = 2
-
-
-def run_cli(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
