@@ -259,7 +259,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
     index = {(r["model"], r["setting"], tool_of(r), r["dataset"]): r for r in rows}
     fp16 = {(r["model"], r["dataset"]): r for r in rows if r["tool"] == "fp16"}
     out = []
-    combos = sorted({(r["model"], r["setting"]) for r in rows if r["tool"] != "fp16"}, key=lambda c: c)
+    combos = list(dict.fromkeys((r["model"], r["setting"]) for r in rows if r["tool"] != "fp16"))  # run order
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     for model, setting in combos:
         for dataset in datasets:
