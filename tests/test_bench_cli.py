@@ -13,8 +13,7 @@ import json
 import math
 
 import pytest
-
-from gptqlab.cli import main
+from testkit import run_cli
 
 ENV_KEYS = {"date", "git_commit", "device", "torch", "transformers"}
 EVAL_FIELDS = {"model", "dataset", "seqlen", "tokens", "chars", "ppl", "bits_per_char"}
@@ -32,14 +31,6 @@ PEERS_FIELDS = {
     "peak_rss_mb",
     "size_mb",
 }
-
-
-def run_cli(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def read_json(path):
