@@ -141,7 +141,7 @@ def bench_point(
         import gptqlab.kernels
         from gptqlab.benchmarks.bench_kernels_gpu import bench_one
 
-        return "triton", bench_one(gptqlab.kernels, k, n, m, bits, group_size, torch.float16, repeats)
+        return "triton", bench_one(gptqlab.kernels, k, n, m, bits, group_size, torch.float16, repeats, str(device))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     return "torch", bench_torch_path(k, n, m, bits, group_size, device, dtype, repeats)
 
