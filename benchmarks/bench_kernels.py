@@ -24,13 +24,13 @@ from gptqlab.benchmarks.common import (
     environment,
     median_seconds,
     peak_bandwidth_gbs,
-    resolve_device,
     set_threads,
     split_list,
     table,
     write_json,
 )
 from gptqlab.errors import ConfigError
+from gptqlab.pipeline import resolve_device
 
 MODEL_SHAPES: dict[str, tuple[tuple[str, int, int], ...]] = {
     # name: (layer, in_features K, out_features N)

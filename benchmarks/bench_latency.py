@@ -27,7 +27,6 @@ from gptqlab.benchmarks.common import (
     check_positive,
     env_line,
     environment,
-    resolve_device,
     set_threads,
     synchronize,
     table,
@@ -35,6 +34,7 @@ from gptqlab.benchmarks.common import (
 )
 from gptqlab.benchmarks.eval_ppl import model_label
 from gptqlab.errors import ConfigError
+from gptqlab.pipeline import resolve_device
 
 
 def baseline_of(model: str) -> str | None:

@@ -35,7 +35,6 @@ from gptqlab.benchmarks.common import (
     env_line,
     environment,
     folder_size_mb,
-    resolve_device,
     set_threads,
     table,
     write_json,
@@ -44,6 +43,7 @@ from gptqlab.benchmarks.eval_ppl import check_context, eval_texts, load_and_scor
 from gptqlab.benchmarks.quantize_worker import Job
 from gptqlab.calib import load_calibration
 from gptqlab.errors import ConfigError, GptqlabError
+from gptqlab.pipeline import resolve_device
 
 DEFAULT_MODELS = ("tiny-zh-llama", "tiny-zh-bloom")
 DEFAULT_SETTINGS = ("w4g128", "w4g128-act", "w3g128", "w8g128")

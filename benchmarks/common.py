@@ -42,17 +42,6 @@ PEAK_BANDWIDTH_TBS: tuple[tuple[str, str, float], ...] = (
 )
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' → cuda when torch sees one, else cpu; 'cpu'; 'cuda' or 'cuda:N' (an error without CUDA)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return torch.device(name)
-
-
 def device_name(device: torch.device) -> str:
     """The GPU's name as torch reports it, or the CPU model from /proc/cpuinfo (else platform)."""
     if device.type == "cuda":

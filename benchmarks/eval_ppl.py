@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from gptqlab.benchmarks.common import check_positive, env_line, environment, resolve_device, table, write_json
+from gptqlab.benchmarks.common import check_positive, env_line, environment, table, write_json
 from gptqlab.errors import ConfigError
+from gptqlab.pipeline import resolve_device
 
 DEFAULT_DATASETS = ("peoples-daily-heldout",)
 FIELDS = ("model", "dataset", "seqlen", "tokens", "chars", "ppl", "bits_per_char")

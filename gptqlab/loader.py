@@ -18,7 +18,6 @@ from gptqlab.reader import CheckpointQuantConfig, read_quant_config
 from gptqlab.verify import ensure_sound
 from gptqlab.weights import materialize, model_config, model_skeleton, open_weights
 
-DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -26,16 +25,6 @@ def _resolve_dir(name_or_path: str) -> Path:
     from gptqlab.pipeline import resolve_model_dir
 
     return resolve_model_dir(name_or_path)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GptqlabError("device='cuda' was asked for, but torch sees no CUDA device")
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise GptqlabError(f"device must be one of {DEVICES}, got {device!r}")
-    return torch.device(device)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -101,7 +90,9 @@ def load(
     if backend not in BACKENDS:
         raise GptqlabError(f"backend must be one of {BACKENDS}, got {backend!r}")
     folder = _resolve_dir(name_or_path)
-    dev = _device(device)
+    from gptqlab.pipeline import resolve_device
+
+    dev = resolve_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     qc = read_quant_config(folder)
     if qc is None:

@@ -51,6 +51,7 @@ from gptqlab.arch import arch_for, block_list
 from gptqlab.checkpoint import publish, save_atomic, write_json, write_manifest, write_shards
 from gptqlab.driver import METHODS, LayerReport, QuantizedLinear, quantize_model
 from gptqlab.errors import ConfigError, GptqlabError
+from gptqlab.evaluate import model_context_length
 from gptqlab.format import quantize_config_dict, to_checkpoint
 from gptqlab.quant import QuantConfig
 from gptqlab.weights import INDEX_FILE, materialize, model_config, model_skeleton, open_weights
@@ -142,10 +143,14 @@ class QuantizeOptions:
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when torch sees one, else cpu; 'cpu'; 'cuda' or 'cuda:N' (an error without CUDA).
+    The one device parser of the CLI, the benchmarks and :func:`gptqlab.load`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GptqlabError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+        raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA device; use cpu")
+    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return torch.device(name)
 
 
@@ -175,11 +180,11 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def model_context(config, tokenizer) -> int | None:
-    """The longest sequence the model was built for, or None when it has no fixed limit (ALiBi)."""
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    """The longest sequence the model was built for: its config's limit, else the tokenizer's, or None when
+    neither sets one (ALiBi)."""
+    context = model_context_length(config)
+    if context is not None:
+        return context
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
