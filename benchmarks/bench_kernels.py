@@ -30,7 +30,7 @@ from gptqlab.benchmarks.common import (
     write_json,
 )
 from gptqlab.errors import ConfigError
-from gptqlab.pipeline import resolve_device
+from gptqlab.resolve import resolve_device
 
 MODEL_SHAPES: dict[str, tuple[tuple[str, int, int], ...]] = {
     # name: (layer, in_features K, out_features N)

@@ -34,14 +34,14 @@ from gptqlab.benchmarks.common import (
 )
 from gptqlab.benchmarks.eval_ppl import model_label
 from gptqlab.errors import ConfigError
-from gptqlab.pipeline import resolve_device
+from gptqlab.resolve import resolve_device
 
 
 def baseline_of(model: str) -> str | None:
     """The model a gptqlab checkpoint was quantized from, as its ``quant_report.json`` names it, if that
     model can still be found (an embedded name or an existing folder)."""
     from gptqlab.embedded import EMBEDDED_MODELS
-    from gptqlab.pipeline import resolve_model_dir
+    from gptqlab.resolve import resolve_model_dir
 
     report = Path(resolve_model_dir(model)) / "quant_report.json"
     if not report.is_file():

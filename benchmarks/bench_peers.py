@@ -43,7 +43,7 @@ from gptqlab.benchmarks.eval_ppl import check_context, eval_texts, load_and_scor
 from gptqlab.benchmarks.quantize_worker import Job
 from gptqlab.calib import load_calibration
 from gptqlab.errors import ConfigError, GptqlabError
-from gptqlab.pipeline import resolve_device
+from gptqlab.resolve import resolve_device
 
 DEFAULT_MODELS = ("tiny-zh-llama", "tiny-zh-bloom")
 DEFAULT_SETTINGS = ("w4g128", "w4g128-act", "w3g128", "w8g128")
@@ -371,7 +371,7 @@ def targets_report(targets: list[dict]) -> str:
 
 def run(opts: PeersOptions) -> dict:
     """Run the comparison and the domain table, print them with the targets, write JSON and plots."""
-    from gptqlab.pipeline import resolve_model_dir
+    from gptqlab.resolve import resolve_model_dir
 
     dev = resolve_device(opts.device)
     set_threads(opts.threads)  # the children get OMP_NUM_THREADS

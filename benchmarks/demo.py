@@ -32,7 +32,8 @@ def evaluate(path: str, seqlen: int, max_chars: int) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gptqlab.pipeline import QuantizeOptions, quantize
+    from gptqlab.quantize.options import QuantizeOptions
+    from gptqlab.quantize.run import quantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MODEL, help="embedded model name or local folder (default: %(default)s)")

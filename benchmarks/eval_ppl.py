@@ -14,7 +14,7 @@ import torch
 
 from gptqlab.benchmarks.common import check_positive, env_line, environment, table, write_json
 from gptqlab.errors import ConfigError
-from gptqlab.pipeline import resolve_device
+from gptqlab.resolve import resolve_device
 
 DEFAULT_DATASETS = ("peoples-daily-heldout",)
 FIELDS = ("model", "dataset", "seqlen", "tokens", "chars", "ppl", "bits_per_char")
@@ -47,7 +47,7 @@ def check_context(model: str, seqlen: int) -> None:
     from transformers import AutoConfig
 
     from gptqlab.evaluate import model_context_length
-    from gptqlab.pipeline import resolve_model_dir
+    from gptqlab.resolve import resolve_model_dir
 
     context = model_context_length(AutoConfig.from_pretrained(resolve_model_dir(model)))
     if context is not None and seqlen > context:

@@ -176,7 +176,7 @@ def goals(est: dict, device_label: str) -> list[tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     from gptqlab.benchmarks.common import env_line, environment, table, write_json
     from gptqlab.benchmarks.quantize_worker import Job
-    from gptqlab.pipeline import resolve_device
+    from gptqlab.resolve import resolve_device
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers to build")

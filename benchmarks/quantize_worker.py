@@ -106,8 +106,8 @@ def import_everything(job: Job) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     import gptqlab.calib
-    import gptqlab.driver
-    import gptqlab.pipeline  # noqa: F401
+    import gptqlab.quantize.driver
+    import gptqlab.quantize.run  # noqa: F401
 
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(job.model))]
     if job.tool == "gptqmodel":
@@ -115,7 +115,8 @@ def import_everything(job: Job) -> None:
 
 
 def run_gptqlab(job: Job) -> dict:
-    from gptqlab.pipeline import QuantizeOptions, quantize
+    from gptqlab.quantize.options import QuantizeOptions
+    from gptqlab.quantize.run import quantize
 
     opts = QuantizeOptions(
         model=job.model,

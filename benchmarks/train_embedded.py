@@ -52,11 +52,11 @@ from transformers import (
 )
 
 from gptqlab.calib import BUILTIN_SOURCES, builtin_texts, load_calibration, load_eval_text
-from gptqlab.driver import quantize_model
 from gptqlab.embedded import EMBEDDED_MODELS, models_dir
 from gptqlab.evaluate import PerplexityResult, perplexity
 from gptqlab.quant.config import QuantConfig
 from gptqlab.quant.rtn import rtn
+from gptqlab.quantize.driver import quantize_model
 
 VOCAB_SIZE = 8000
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
@@ -318,7 +318,7 @@ def heldout_perplexity(model, tokenizer) -> dict[str, PerplexityResult]:
 
 
 def gptq_quantize_(model: torch.nn.Module, tokenizer, bits: int, group_size: int) -> int:
-    """Quantize every decoder Linear with GPTQ through :func:`gptqlab.driver.quantize_model`, in place (the
+    """Quantize every decoder Linear with GPTQ through :func:`gptqlab.quantize.driver.quantize_model`, in place (the
     weights become their dequantized values). Returns the number of Linears quantized."""
     c = GPTQ_CALIBRATION
     calib = load_calibration(c["spec"], tokenizer, c["nsamples"], c["seqlen"], c["seed"])
@@ -463,7 +463,7 @@ float32. Bits per character are the total negative log-likelihood in bits over t
 The last two columns quantize every decoder Linear ({rtn_["linears"]} of them; the output head is kept) to
 {rtn_["bits"]} bits, asymmetric, one scale and zero per group of {rtn_["group_size"]} input channels, and run the
 dequantized weights: RTN rounds each weight to the nearest level of its group's min/max grid
-(`gptqlab.quant.rtn`); GPTQ runs `gptqlab.driver.quantize_model` (true-sequential, no act-order) on
+(`gptqlab.quant.rtn`); GPTQ runs `gptqlab.quantize.driver.quantize_model` (true-sequential, no act-order) on
 {gc["nsamples"]} × {gc["seqlen"]} calibration tokens from `{gc["spec"]}` (its calibration split, seed {gc["seed"]}).
 
 {header}

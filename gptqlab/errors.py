@@ -19,3 +19,9 @@ class CheckpointError(GptqlabError):
 
 class ConfigError(GptqlabError, ValueError):
     """A configuration value is out of range; the message says which value and what is allowed."""
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters (newlines, terminal escapes) written as escapes, so that a name a user
+    supplied can never turn one message into several lines or repaint the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))

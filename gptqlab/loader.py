@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gptqlab.checkpoint.config import CheckpointQuantConfig, read_quant_config
+from gptqlab.checkpoint.verify import ensure_sound
 from gptqlab.errors import CheckpointError, GptqlabError
-from gptqlab.reader import CheckpointQuantConfig, read_quant_config
-from gptqlab.verify import ensure_sound
-from gptqlab.weights import materialize, model_config, model_skeleton, open_weights
+from gptqlab.modelfiles import materialize, model_config, model_skeleton, open_weights
 
 BACKENDS = ("auto", "triton", "torch")
 
 
 def _resolve_dir(name_or_path: str) -> Path:
-    from gptqlab.pipeline import resolve_model_dir
+    from gptqlab.resolve import resolve_model_dir
 
     return resolve_model_dir(name_or_path)
 
@@ -90,7 +90,7 @@ def load(
     if backend not in BACKENDS:
         raise GptqlabError(f"backend must be one of {BACKENDS}, got {backend!r}")
     folder = _resolve_dir(name_or_path)
-    from gptqlab.pipeline import resolve_device
+    from gptqlab.resolve import resolve_device
 
     dev = resolve_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)

@@ -173,12 +173,12 @@ def _belle(c: Ctx, text: str, name: str = "data.jsonl") -> str:
 
 def _full_disk(c: Ctx) -> Path:
     """safetensors reports a full disk as SafetensorError("... (os error 28)"); this is that error."""
-    import gptqlab.checkpoint
+    import gptqlab.checkpoint.write
 
     def no_space(tensors, filename, metadata=None):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    c.monkeypatch.setattr(gptqlab.checkpoint, "save_file", no_space)
+    c.monkeypatch.setattr(gptqlab.checkpoint.write, "save_file", no_space)
     return c.model
 
 

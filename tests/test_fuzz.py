@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 import gptqlab
 from gptqlab.calib.readers import belle_paragraphs, txt_paragraphs
 from gptqlab.calib.sources import builtin_texts
+from gptqlab.checkpoint.config import CheckpointError, CheckpointQuantConfig, parse_quant_config, read_quant_config
+from gptqlab.checkpoint.verify import verify
 from gptqlab.cli import main
 from gptqlab.errors import CalibrationError, GptqlabError
 from gptqlab.quant.config import CHECKPOINT_FORMATS, SUPPORTED_BITS
-from gptqlab.reader import CheckpointError, CheckpointQuantConfig, parse_quant_config, read_quant_config
-from gptqlab.verify import verify
 
 SCALE = int(os.environ.get("GPTQLAB_FUZZ_SCALE", "1"))
 LONG = SCALE > 1

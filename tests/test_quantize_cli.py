@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from testkit import run_cli
 
-from gptqlab.format import from_checkpoint
+from gptqlab.checkpoint.format import from_checkpoint
 
 SMALL = ["--nsamples", "8", "--seqlen", "64", "--group-size", "64", "-q"]
 
@@ -55,8 +55,8 @@ def test_checkpoint_dequantizes_to_exactly_the_quantized_weights(tiny_models, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptqlab.calib import load_calibration
-    from gptqlab.driver import quantize_model
     from gptqlab.quant import QuantConfig
+    from gptqlab.quantize.driver import quantize_model
 
     out = tmp_path / "out"
     assert run_cli(["quantize", tiny_models["llama"], out, *SMALL, "--act-order"]) == 0

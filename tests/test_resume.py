@@ -20,7 +20,8 @@ from safetensors import safe_open
 from testkit import run_cli
 
 from gptqlab.calib.sources import builtin_texts
-from gptqlab.pipeline import SLOW_BLOCK_ENV, partial_dir
+from gptqlab.quantize.progress import partial_dir
+from gptqlab.quantize.run import SLOW_BLOCK_ENV
 
 LAYERS = 4
 SLOW_SECONDS = "2"  # each block of the killed run sleeps this long between quantizing and saving
@@ -129,10 +130,10 @@ def test_sigkill_in_the_middle_of_a_block_then_resume_is_byte_identical(deep_mod
 @pytest.fixture(scope="module")
 def interrupted(deep_model, args, tmp_path_factory) -> Path:
     """OUT.partial of a run stopped by Ctrl-C after block 1 was stored (tests work on copies of it)."""
-    import gptqlab.pipeline
+    import gptqlab.quantize.progress
 
     out = tmp_path_factory.mktemp("interrupted") / "out"
-    real_save = gptqlab.pipeline.save_atomic
+    real_save = gptqlab.quantize.progress.save_atomic
 
     def interrupt_saving_block_2(tensors, path, metadata=None):
         if path.name == "block-00002.safetensors":
@@ -140,7 +141,7 @@ def interrupted(deep_model, args, tmp_path_factory) -> Path:
         real_save(tensors, path, metadata)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gptqlab.pipeline, "save_atomic", interrupt_saving_block_2)
+        mp.setattr(gptqlab.quantize.progress, "save_atomic", interrupt_saving_block_2)
         assert run_cli(["quantize", deep_model, out, *args]) == 130
     assert next_block(out) == 2
     return partial_dir(out)
@@ -154,10 +155,10 @@ def copy_of(interrupted: Path, tmp_path: Path) -> Path:
 
 
 def test_ctrl_c_keeps_progress_and_says_so(deep_model, args, tmp_path, caplog, capsys):
-    import gptqlab.pipeline
+    import gptqlab.quantize.progress
 
     out = tmp_path / "out"
-    real_save = gptqlab.pipeline.save_atomic
+    real_save = gptqlab.quantize.progress.save_atomic
 
     def interrupt_saving_block_1(tensors, path, metadata=None):
         if path.name == "block-00001.safetensors":
@@ -165,7 +166,7 @@ def test_ctrl_c_keeps_progress_and_says_so(deep_model, args, tmp_path, caplog, c
         real_save(tensors, path, metadata)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gptqlab.pipeline, "save_atomic", interrupt_saving_block_1)
+        mp.setattr(gptqlab.quantize.progress, "save_atomic", interrupt_saving_block_1)
         assert run_cli(["quantize", deep_model, out, *args]) == 130
     assert "gptqlab: interrupted" in capsys.readouterr().err
     assert "1 finished blocks are kept" in caplog.text and "rerun the same command to resume" in caplog.text
@@ -190,7 +191,7 @@ def test_crash_between_block_file_and_state_then_resume(deep_model, args, refere
 
 
 def test_killed_while_assembling_resumes_without_requantizing(deep_model, args, reference, interrupted, tmp_path):
-    import gptqlab.pipeline
+    import gptqlab.quantize.run
 
     out = copy_of(interrupted, tmp_path)
 
@@ -199,7 +200,7 @@ def test_killed_while_assembling_resumes_without_requantizing(deep_model, args, 
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gptqlab.pipeline, "write_shards", killed_half_way)
+        mp.setattr(gptqlab.quantize.run, "write_shards", killed_half_way)
         assert run_cli(["quantize", deep_model, out, *args]) == 130
     assert next_block(out) == LAYERS and (partial_dir(out) / "final").is_dir()
 
@@ -214,17 +215,17 @@ def test_full_disk_keeps_finished_blocks_and_rerun_resumes(
 ):
     import errno
 
-    import gptqlab.pipeline
+    import gptqlab.quantize.progress
 
     out = copy_of(interrupted, tmp_path)
-    real_save = gptqlab.pipeline.save_atomic
+    real_save = gptqlab.quantize.progress.save_atomic
 
     def disk_fills_at_block_3(tensors, path, metadata=None):
         if path.name == "block-00003.safetensors":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_save(tensors, path, metadata)
 
-    monkeypatch.setattr(gptqlab.pipeline, "save_atomic", disk_fills_at_block_3)
+    monkeypatch.setattr(gptqlab.quantize.progress, "save_atomic", disk_fills_at_block_3)
     assert run_cli(["quantize", deep_model, out, *args]) == 2
     monkeypatch.undo()
     err = capsys.readouterr().err.strip()

@@ -14,9 +14,9 @@ from testkit import run_cli
 
 import gptqlab
 from gptqlab.calib.sources import builtin_texts
-from gptqlab.checkpoint import write_manifest
+from gptqlab.checkpoint.verify import Problem, verify
+from gptqlab.checkpoint.write import write_manifest
 from gptqlab.errors import CheckpointError
-from gptqlab.verify import Problem, verify
 
 Q = "model.layers.1.mlp.up_proj"  # K = 128, N = 256; with group size 64: G = 2
 

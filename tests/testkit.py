@@ -86,12 +86,12 @@ def run_cli(argv) -> int:
 
 def dequantized_reference(model_dir, checkpoint_dir, bits: int, fmt: str = "gptq"):
     """The original float32 model with every quantized Linear's weight replaced by the weight that the
-    checkpoint in ``checkpoint_dir`` represents (decoded by gptqlab.format.from_checkpoint), and every other
+    checkpoint in ``checkpoint_dir`` represents (decoded by gptqlab.checkpoint.format.from_checkpoint), and every other
     parameter rounded to fp16 as the checkpoint stores it."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from gptqlab.format import from_checkpoint
+    from gptqlab.checkpoint.format import from_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for p in model.parameters():

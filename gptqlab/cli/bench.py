@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from gptqlab.cli_eval import DEVICE_HELP
+from gptqlab.cli.eval import DEVICE_HELP
 
 app = typer.Typer(help="Benchmarks: latency, kernels, and gptqlab against its peers.", no_args_is_help=True)
 

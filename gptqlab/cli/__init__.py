@@ -2,7 +2,7 @@
 
 Bad input raises :class:`gptqlab.errors.GptqlabError`; :func:`main` prints it as one line on stderr and
 exits with code 2, without a traceback. Every option below maps one to one onto a field of
-:class:`gptqlab.pipeline.QuantizeOptions` (and so onto :class:`gptqlab.quant.QuantConfig`).
+:class:`gptqlab.quantize.options.QuantizeOptions` (and so onto :class:`gptqlab.quant.QuantConfig`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from enum import Enum
 
 import typer
 
-from gptqlab.cli_bench import app as bench_app
-from gptqlab.cli_eval import app as eval_app
-from gptqlab.errors import GptqlabError
+from gptqlab.cli.bench import app as bench_app
+from gptqlab.cli.eval import app as eval_app
+from gptqlab.errors import GptqlabError, printable
 
 app = typer.Typer(
     help="GPTQ quantization workbench for Chinese LLMs: quantize, evaluate, benchmark and verify.",
@@ -103,8 +103,8 @@ def quantize(
     ),
 ) -> None:
     """Quantize MODEL with Chinese calibration data and write a packed GPTQ checkpoint to OUT."""
-    from gptqlab.pipeline import QuantizeOptions
-    from gptqlab.pipeline import quantize as run
+    from gptqlab.quantize.options import QuantizeOptions
+    from gptqlab.quantize.run import quantize as run
 
     opts = QuantizeOptions(
         model=model,
@@ -149,7 +149,7 @@ def verify(
     Exit 0 when it is sound, 1 when it is not (one problem per line: file, tensor, what is wrong), 2 for a
     usage error.
     """
-    from gptqlab.verify import verify as check
+    from gptqlab.checkpoint.verify import verify as check
 
     report = check(folder, hashes=hashes, trust_remote_code=trust_remote_code)
     for problem in report.problems:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode, typer returns the code of typer.Exit and of Ctrl-C (130) instead of raising.
         code = app(args=argv, standalone_mode=False)
     except GptqlabError as exc:
-        print(f"gptqlab: error: {exc}", file=sys.stderr)
+        print(f"gptqlab: error: {printable(exc)}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -188,7 +188,3 @@ def main(argv: list[str] | None = None) -> None:
         print("gptqlab: interrupted", file=sys.stderr)
     if isinstance(code, int) and code:
         sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from gptqlab.arch import Arch, arch_for, block_list
 from gptqlab.errors import GptqlabError
+from gptqlab.modelfiles import SafetensorsWeights, materialize, release
 from gptqlab.quant import NumericalError, QuantConfig, QuantResult, dequantize_codes, gptq, rtn
-from gptqlab.weights import SafetensorsWeights, materialize, release
 
 log = logging.getLogger("gptqlab")
 

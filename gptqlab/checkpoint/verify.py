@@ -5,7 +5,7 @@ is one, the tensor. The checks:
 
 1. Integrity (:func:`check_manifest`, reads every byte): each file listed in ``SHA256SUMS`` exists and
    has that SHA-256; weight, config and code files the manifest does not list are problems too.
-2. Config (:func:`check_config`): the quantization config parses (:mod:`gptqlab.reader`), and when both
+2. Config (:func:`check_config`): the quantization config parses (:mod:`gptqlab.checkpoint.config`), and when both
    ``quantize_config.json`` and ``config.json`` → ``quantization_config`` exist they agree (gptqlab reads
    the first, transformers the second).
 3. Tensors against the config and the architecture (:func:`check_tensors`; headers, plus the values of
@@ -36,12 +36,16 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import nn
 
-from gptqlab.checkpoint import MANIFEST, sha256_file
+from gptqlab.checkpoint.config import (
+    CONFIG_FILES,
+    CheckpointQuantConfig,
+    find_quant_config,
+    hf_quant_config,
+    parse_quant_config,
+)
+from gptqlab.checkpoint.write import MANIFEST, sha256_file
 from gptqlab.errors import CheckpointError, GptqlabError
-from gptqlab.quant.config import SUPPORTED_BITS
-from gptqlab.quant.pack import unpack_cols
-from gptqlab.reader import CONFIG_FILES, CheckpointQuantConfig, find_quant_config, hf_quant_config, parse_quant_config
-from gptqlab.weights import (
+from gptqlab.modelfiles import (
     INDEX_FILE,
     model_config,
     model_skeleton,
@@ -49,6 +53,8 @@ from gptqlab.weights import (
     open_weights,
     safetensors_files,
 )
+from gptqlab.quant.config import SUPPORTED_BITS
+from gptqlab.quant.pack import unpack_cols
 
 _MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 _MANIFESTED_SUFFIXES = (".safetensors", ".bin", ".json", ".py")
@@ -298,7 +304,7 @@ def _check_plain(model: nn.Module, weights, quantized: set[str]) -> list[Problem
 
 def check_tensors(model: nn.Module, weights, qc: CheckpointQuantConfig) -> list[Problem]:
     """The tensor checks (3 in the module docstring) for a meta-device ``model`` built from the folder's
-    config, its opened ``weights`` (:func:`gptqlab.weights.open_weights`) and its quantization config."""
+    config, its opened ``weights`` (:func:`gptqlab.modelfiles.open_weights`) and its quantization config."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     required = required_linears(model)
     problems = [

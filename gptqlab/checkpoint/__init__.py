@@ -1,0 +1,1 @@
+"""GPTQ checkpoints (docs/FORMAT.md): the format, its config, writing and verification."""

@@ -1,0 +1,49 @@
+"""Model and device resolution: what ``gptqlab.load``, the CLI and the benchmarks share, without the
+quantizer."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from gptqlab.errors import ConfigError, GptqlabError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when torch sees one, else cpu; 'cpu'; 'cuda' or 'cuda:N' (an error without CUDA).
+    The one device parser of the CLI, the benchmarks and :func:`gptqlab.load`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for, but torch sees no CUDA device; use cpu")
+    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return torch.device(name)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """An embedded model name, a local folder, or a Hub id (downloaded through huggingface_hub)."""
+    from gptqlab.embedded import resolve_model
+
+    resolved = resolve_model(model)
+    path = Path(resolved)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GptqlabError(f"model folder {path} has no config.json")
+        return path
+    if path.exists():
+        raise GptqlabError(f"model path {model} is a file; give the folder that holds config.json and the weights")
+    looks_like_path = (os.sep in model and not re.fullmatch(r"[\w.-]+/[\w.-]+", model)) or model.startswith((".", "~"))
+    if looks_like_path:
+        raise GptqlabError(f"model path {model} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # network, auth and not-found errors come in many types
+        raise GptqlabError(
+            f"model {model!r} is not an embedded model, a local folder or a reachable Hub id ({type(exc).__name__})"
+        ) from exc
