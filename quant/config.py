@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from gptqlab.errors import ConfigError
+from gptqlab.quant.pack import SUPPORTED_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+__all__ = ["CHECKPOINT_FORMATS", "SUPPORTED_BITS", "QuantConfig"]
+
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+"""The code widths of the format; every other module imports this tuple from here."""
 _MASK32 = 0xFFFFFFFF
 
 
@@ -23,13 +24,24 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
+def codes_per_run(bits: int) -> int:
+    """Codes in one independent run of int32 words: 32 // bits for 2, 4 and 8 bits (one word), 32 for 3 bits
+    (three words). A packed dimension must be a multiple of this."""
+    _check_bits(bits)
+    return 32 if bits == 3 else 32 // bits
+
+
+def _words_per_run(bits: int) -> int:
+    return bits if bits == 3 else 1
+
+
 def packed_rows(rows: int, bits: int) -> int:
     """Number of int32 words that hold ``rows`` codes of ``bits`` bits along the packed dimension."""
     _check_bits(bits)
-    if rows % 32 and (bits == 3 or rows * bits % 32):
+    if rows % codes_per_run(bits):
         raise ValueError(
             f"{rows} codes of {bits} bits do not fill whole int32 words; "
-            f"the packed dimension must be a multiple of {32 if bits == 3 else 32 // bits}"
+            f"the packed dimension must be a multiple of {codes_per_run(bits)}"
         )
     return rows * bits // 32
 
@@ -54,8 +66,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) for {bits} bits")
-    per_run = 32 if bits == 3 else 32 // bits  # codes per independent run of words
-    words_per_run = bits if bits == 3 else 1
+    per_run, words_per_run = codes_per_run(bits), _words_per_run(bits)
     c = c.reshape(rows // per_run, per_run, cols)  # [runs, per_run, C]
     words = torch.zeros(rows // per_run, words_per_run, cols, dtype=torch.int64, device=codes.device)
     for j in range(per_run):
@@ -81,8 +92,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
     rows = total if rows is None else rows
     if rows != total:
         raise ValueError(f"{prow} packed words of {bits} bits hold {total} codes, not {rows}")
-    per_run = 32 if bits == 3 else 32 // bits
-    words_per_run = bits if bits == 3 else 1
+    per_run, words_per_run = codes_per_run(bits), _words_per_run(bits)
     if prow % words_per_run:
         raise ValueError(f"3-bit packing needs a multiple of 3 words, got {prow}")
     w64 = packed.to(torch.int64) & _MASK32

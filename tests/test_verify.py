@@ -234,3 +234,33 @@ def test_cli_lists_problems_one_per_line_and_exits_1(checkpoints, tmp_path, caps
 def test_problem_names_file_and_tensor():
     assert str(Problem("model.safetensors", "a.qweight", "missing")) == "model.safetensors: a.qweight: missing"
     assert str(Problem("SHA256SUMS", "", "missing")) == "SHA256SUMS: missing"
+
+
+def test_v1_asym_zero_point_outside_the_bit_width(checkpoints, tmp_path):
+    """v1 stores z - 1, so an all-ones 8-bit field decodes to z = 256, which no 8-bit code range holds."""
+    folder = copy(checkpoints, tmp_path, "asym8")
+    edit_tensors(folder, lambda s: s[f"{Q}.qzeros"][0, :2].fill_(-1))  # 8 fields of 0xFF
+    expected = (
+        f"model.safetensors: {Q}.qzeros: 8 of 512 zero points decode to 256, outside 0 … 255 for 8 bits "
+        "(checkpoint_format 'gptq' stores z - 1, so the stored field 255 is invalid)"
+    )
+    assert problems(folder) == [expected]
+    assert f"{Q}.qzeros: 8 of 512 zero points decode to 256" in load_error(folder)
+
+
+def test_act_order_needs_g_idx(checkpoints, tmp_path):
+    folder = copy(checkpoints, tmp_path, "sym4")
+    edit_tensors(folder, lambda s: s.pop(f"{Q}.g_idx"))
+    expected = f"model.safetensors: {Q}.g_idx: missing, but desc_act is true: the act-order permutation would be lost"
+    assert problems(folder) == [expected]
+    assert f"{Q}.g_idx: missing, but desc_act is true" in load_error(folder)
+
+
+def test_names_with_control_characters_stay_on_one_line(checkpoints, tmp_path, capsys):
+    folder = copy(checkpoints, tmp_path)
+    (folder / "x\nmodel.safetensors: sound\x1b[2K.json").write_text("{}")
+    assert run_cli(["verify", folder]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "x\\nmodel.safetensors: sound\\x1b[2K.json: not listed in SHA256SUMS, so its integrity cannot be checked"
+    ]

@@ -12,13 +12,9 @@ is one, the tensor. The checks:
    the small tensors; ``qweight`` data is never read):
 
    - every Linear that the architecture quantizes (:mod:`gptqlab.arch`) is stored packed in every block;
-   - each quantized Linear (K inputs, N outputs, G = ceil(K / group_size) groups; FORMAT.md) has
-     ``qweight`` int32 [K·bits/32, N], ``qzeros`` int32 [G, N·bits/32], ``scales`` float [G, N], and
-     optionally ``g_idx`` integer [K] and ``bias`` float [N];
-   - values: scales finite and positive, bias finite, g_idx in [0, G) and equal to k // group_size
-     without act-order. Codes and zero points cannot leave their range, because a ``bits``-wide field
-     holds 0 … 2^bits - 1 whatever its content; what can be wrong is the zero point's meaning: with
-     ``sym`` every zero point must be exactly 2^(bits-1);
+   - each quantized Linear follows the rules of :mod:`gptqlab.checkpoint.validate` (docs/FORMAT.md):
+     shapes, dtypes, finite positive scales, zero points in range (the midpoint when ``sym``), ``g_idx``
+     present for act-order, in range, and k // group_size without act-order;
    - every other parameter of the model is stored with its shape, a float dtype and finite values.
 
 :func:`ensure_sound` runs 2 and 3 and raises CheckpointError; ``gptqlab.load`` calls it on every load.
@@ -28,7 +24,6 @@ line), and 2 for a usage error (no such folder, custom code not allowed).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -43,8 +38,9 @@ from gptqlab.checkpoint.config import (
     hf_quant_config,
     parse_quant_config,
 )
+from gptqlab.checkpoint.validate import FLOATS, LinearRules, linear_problems
 from gptqlab.checkpoint.write import MANIFEST, sha256_file
-from gptqlab.errors import CheckpointError, GptqlabError
+from gptqlab.errors import CheckpointError, GptqlabError, printable
 from gptqlab.modelfiles import (
     INDEX_FILE,
     model_config,
@@ -53,13 +49,9 @@ from gptqlab.modelfiles import (
     open_weights,
     safetensors_files,
 )
-from gptqlab.quant.config import SUPPORTED_BITS
-from gptqlab.quant.pack import unpack_cols
 
 _MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 _MANIFESTED_SUFFIXES = (".safetensors", ".bin", ".json", ".py")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _QUANT_FIELDS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
 
 
@@ -72,7 +64,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.tensor}: {self.message}" if self.tensor else f"{self.file}: {self.message}"
+        """One line: control characters in names (a file called ``"a\\nb"``) are escaped by
+        :func:`gptqlab.errors.printable`, so a name can never forge a second line."""
+        text = f"{self.file}: {self.tensor}: {self.message}" if self.tensor else f"{self.file}: {self.message}"
+        return printable(text)
 
 
 @dataclass
@@ -214,67 +209,11 @@ def required_linears(model: nn.Module) -> list[str]:
 
 
 def _check_linear(name: str, lin: nn.Linear, weights, qc: CheckpointQuantConfig) -> list[Problem]:
-    """Shapes, dtypes and values of one quantized Linear's tensors (FORMAT.md)."""
-    k, n, bits = lin.in_features, lin.out_features, qc.bits
-    problems: list[Problem] = []
-
-    def problem(tensor: str, message: str) -> None:
+    """The rules of :mod:`gptqlab.checkpoint.validate` for one quantized Linear, as Problems naming the file."""
+    problems = []
+    for tensor, message in linear_problems(weights, name, lin.in_features, lin.out_features, LinearRules.of(qc)):
         full = f"{name}.{tensor}"
         problems.append(Problem(weights.file_of(full) or _default_file(weights), full, message))
-
-    per_run = 32 if bits == 3 else 32 // bits
-    if k % per_run or n % per_run:
-        problem("qweight", f"{bits}-bit packing needs in_features ({k}) and out_features ({n}) divisible by {per_run}")
-        return problems
-    gs = k if qc.group_size == -1 else qc.group_size
-    g = math.ceil(k / gs)
-    layout = f"bits={bits}, group_size={qc.group_size}, in_features={k}, out_features={n}"
-    expected = {
-        "qweight": ((k * bits // 32, n), (torch.int32,), "int32"),
-        "qzeros": ((g, n * bits // 32), (torch.int32,), "int32"),
-        "scales": ((g, n), _FLOATS, "a float dtype"),
-        "g_idx": ((k,), _INTS, "an integer dtype"),
-        "bias": ((n,), _FLOATS, "a float dtype"),
-    }
-    for tensor, (shape, dtypes, dtype_name) in expected.items():
-        full = f"{name}.{tensor}"
-        if full not in weights:
-            if tensor in ("qweight", "qzeros", "scales"):
-                problem(tensor, "missing")
-            continue
-        got, dtype = weights.info(full)
-        if dtype not in dtypes:
-            problem(tensor, f"dtype {dtype}, expected {dtype_name}")
-        elif got != shape:
-            hint = ""
-            if tensor == "qweight" and len(got) == 2 and got[1] == n and (got[0] * 32) % k == 0:
-                fits = got[0] * 32 // k
-                if fits in SUPPORTED_BITS and fits != bits:
-                    hint = f"; the rows fit bits={fits}: is bits in the config wrong?"
-            problem(tensor, f"shape {list(got)}, expected {list(shape)} for {layout}{hint}")
-    if problems:
-        return problems
-
-    scales = weights.get(f"{name}.scales").float()  # [G, N]
-    bad = ~torch.isfinite(scales) | (scales <= 0)
-    if bad.any():
-        problem("scales", f"{int(bad.sum())} of {bad.numel()} scales are not finite and positive")
-    zeros = unpack_cols(weights.get(f"{name}.qzeros"), bits).to(torch.int64) + qc.zero_offset  # [G, N]
-    if qc.sym and bool((zeros != 2 ** (bits - 1)).any()):
-        wrong = int((zeros != 2 ** (bits - 1)).sum())
-        problem(
-            "qzeros",
-            f"{wrong} of {zeros.numel()} zero points differ from {2 ** (bits - 1)}, the only zero of sym {bits}-bit "
-            f"(checkpoint_format {qc.checkpoint_format!r} stores it as {2 ** (bits - 1) - qc.zero_offset})",
-        )
-    if f"{name}.g_idx" in weights:
-        g_idx = weights.get(f"{name}.g_idx").to(torch.int64)  # [K]
-        if bool(((g_idx < 0) | (g_idx >= g)).any()):
-            problem("g_idx", f"group indices must lie in [0, {g}), found {int(g_idx.min())} … {int(g_idx.max())}")
-        elif not qc.desc_act and not torch.equal(g_idx, torch.arange(k) // gs):
-            problem("g_idx", "not k // group_size, but the config says desc_act is false")
-    if f"{name}.bias" in weights and not torch.isfinite(weights.get(f"{name}.bias")).all():
-        problem("bias", "contains NaN or Inf")
     return problems
 
 
@@ -293,7 +232,7 @@ def _check_plain(model: nn.Module, weights, quantized: set[str]) -> list[Problem
             continue
         file = weights.file_of(pname)
         shape, dtype = weights.info(pname)
-        if dtype not in _FLOATS:
+        if dtype not in FLOATS:
             problems.append(Problem(file, pname, f"dtype {dtype}, expected a float dtype"))
         elif shape != tuple(param.shape):
             problems.append(Problem(file, pname, f"shape {list(shape)}, the config expects {list(param.shape)}"))

@@ -155,9 +155,11 @@ def verify(
     for problem in report.problems:
         typer.echo(str(problem))
     if not report.sound:
-        typer.echo(f"gptqlab: {folder} is not sound: {len(report.problems)} problem(s)", err=True)
+        typer.echo(f"gptqlab: {printable(folder)} is not sound: {len(report.problems)} problem(s)", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{folder}: sound ({report.hashed} files match SHA256SUMS, {report.layers} quantized layers checked)")
+    typer.echo(
+        f"{printable(folder)}: sound ({report.hashed} files match SHA256SUMS, {report.layers} quantized layers checked)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

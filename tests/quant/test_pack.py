@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptqlab.quant.pack import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
+from gptqlab.quant.pack import codes_per_run, pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -51,3 +51,12 @@ def test_bad_inputs_raise():
         packed_rows(48, 3)
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
         pack_rows(torch.full((8, 1), 16), 4)
+
+
+def test_codes_per_run_is_the_packing_multiple():
+    assert [codes_per_run(b) for b in (2, 3, 4, 8)] == [16, 32, 8, 4]
+    for bits in (2, 3, 4, 8):
+        m = codes_per_run(bits)
+        assert packed_rows(m, bits) * 32 == m * bits
+        with pytest.raises(ValueError, match=f"multiple of {m}"):
+            packed_rows(m + m // 2, bits)
