@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from gptqlab.errors import CheckpointError, GptqlabError
+from gptqlab.errors import CheckpointError, GptqlabError, printable
 
 
 @contextlib.contextmanager
@@ -56,8 +59,45 @@ SAFETENSORS_DTYPES = {
 }
 
 
+# Weight dtypes that gptqlab reads as model parameters: it computes in float32 (CPU) or float16 (CUDA) and
+# stores float16, so these convert without surprise. Integer and float8 weights are quantized already (they
+# come with scales that a plain cast would ignore) and are refused.
+FLOAT_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def require_regular_file(path: str | Path, what: str = "file") -> None:
+    """Raise GptqlabError unless ``path`` is a regular file (symlinks followed); missing paths pass, so that
+    the caller's own "no such file" message stays. Reading a FIFO or a device would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreadable or a NUL in the name: the caller's open() says which
+        return
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    raise GptqlabError(f"{printable(path)} is {kind}; gptqlab reads {what}s only from regular files")
+
+
+def require_regular_files(folder: Path) -> None:
+    """Every entry of ``folder`` (not recursive) is a folder or a regular file; see :func:`require_regular_file`."""
+    for p in sorted(folder.iterdir()):
+        require_regular_file(p, "model file")
+
+
 def _index_files(index: Path) -> list[str]:
     """The shard names of a ``model.safetensors.index.json``; each must be a .safetensors file beside it."""
+    return sorted(set(_index_map(index).values()))
+
+
+def _index_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name → shard file beside it."""
+    require_regular_file(index, "model file")
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON, an oversized int
@@ -65,12 +105,10 @@ def _index_files(index: Path) -> list[str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object mapping tensor names to files")
-    files = set()
     for name, file in weight_map.items():
         if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
             raise CheckpointError(f"{index}: tensor {name!r} maps to {file!r}, not a .safetensors file in this folder")
-        files.add(file)
-    return sorted(files)
+    return weight_map
 
 
 def safetensors_files(folder: Path) -> list[str]:
@@ -85,6 +123,7 @@ def safetensors_files(folder: Path) -> list[str]:
 
 def open_safetensors(path: Path):
     """A safetensors handle (mmap; the header is validated against the file size, no data is read)."""
+    require_regular_file(path, "weight")
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
@@ -97,6 +136,9 @@ class SafetensorsWeights:
     Accepts ``model.safetensors``, a sharded ``model.safetensors.index.json``, or any ``*.safetensors``
     files in the folder. Names are matched exactly, then with the model's base prefix added or removed
     (BLOOM checkpoints store ``h.0...`` for the module ``transformer.h.0...``).
+
+    A tensor name stored in two files, or an index that maps a tensor to a shard that does not hold it,
+    raises CheckpointError: which copy a reader takes would otherwise depend on the reader.
     """
 
     def __init__(self, folder: str | Path, prefix: str = ""):
@@ -110,7 +152,18 @@ class SafetensorsWeights:
             handle = open_safetensors(self.folder / f)
             self._handles[f] = handle
             for k in handle.keys():
+                if k in self._where:
+                    raise CheckpointError(
+                        f"{self.folder}: tensor {k!r} is stored twice, in {self._where[k]} and in {f}; "
+                        "remove one copy (readers disagree on which one counts)"
+                    )
                 self._where[k] = f
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            for name, file in _index_map(index).items():
+                if self._where.get(name) != file:
+                    held = f"it is in {self._where[name]}" if name in self._where else "no shard holds it"
+                    raise CheckpointError(f"{index}: maps tensor {name!r} to {file}, but {held}")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -191,6 +244,7 @@ class TorchBinWeights:
         self._tensors: dict[str, torch.Tensor] = {}
         self._where: dict[str, str] = {}
         for f in files:
+            require_regular_file(f, "weight")
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises several unrelated types for a bad pickle
@@ -203,6 +257,11 @@ class TorchBinWeights:
             for key, value in state.items():
                 if not isinstance(key, str) or not isinstance(value, torch.Tensor):
                     raise CheckpointError(f"{f}: entry {key!r} is {type(value).__name__}, not a named tensor")
+                if key in self._where:
+                    raise CheckpointError(
+                        f"{self.folder}: tensor {key!r} is stored twice, in {self._where[key]} and in {f.name}; "
+                        "remove one copy (readers disagree on which one counts)"
+                    )
                 self._tensors[key] = value
                 self._where[key] = f.name
 
@@ -313,6 +372,7 @@ def model_config(folder: str | Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     folder = Path(folder)
+    require_regular_file(folder / "config.json", "model file")
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, KeyError, TypeError and huggingface_hub validation errors
@@ -340,3 +400,48 @@ def model_skeleton(config, trust_remote_code: bool = False) -> nn.Module:
         raise CheckpointError(
             f"cannot build a {name!r} model from its config.json: {type(exc).__name__}: {_first_line(exc)}"
         ) from exc
+
+
+# Where decoder blocks are numbered in the tensor names of the supported architectures: ``model.layers.N.``
+# (LLaMA, Qwen2), ``h.N.``/``transformer.h.N.`` (BLOOM), ``gpt_neox.layers.N.`` (GPT-NeoX).
+_BLOCK_NUMBER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
+def stored_block_count(keys: Iterable[str]) -> int | None:
+    """Number of decoder blocks that tensor names refer to (the largest block number + 1), or None when no
+    name has a block number."""
+    numbers = {int(m.group(1)) for k in keys if (m := _BLOCK_NUMBER.search(k))}
+    return max(numbers) + 1 if numbers else None
+
+
+def check_layer_count(config, keys: Iterable[str], folder: Path) -> None:
+    """Refuse a config that claims another number of decoder blocks than the weights hold, before a skeleton is
+    built from it: a skeleton of a million blocks costs memory even with meta parameters."""
+    claimed = getattr(config, "num_hidden_layers", None)
+    stored = stored_block_count(keys)
+    if isinstance(claimed, int) and stored is not None and claimed != stored:
+        raise CheckpointError(
+            f"{folder / 'config.json'} says the model has {claimed} decoder layers (num_hidden_layers), but its "
+            f"weights hold {stored}; the config does not belong to these weights"
+        )
+
+
+def check_parameters(model: nn.Module, weights, tied: Iterable[str] = ()) -> None:
+    """Every parameter of a meta-device ``model`` is stored in ``weights`` with its shape and a float dtype
+    (:data:`FLOAT_WEIGHT_DTYPES`), judged from the file headers alone. ``tied``: names that may be missing
+    because they share another parameter's tensor. Raises CheckpointError naming the first bad tensor."""
+    tied = set(tied)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name not in weights:
+            if name in tied:
+                continue
+            raise CheckpointError(f"{weights.folder}: tensor {name!r} is missing from the checkpoint")
+        shape, dtype = weights.info(name)
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {shape}, the config expects {tuple(param.shape)}")
+        if dtype not in FLOAT_WEIGHT_DTYPES:
+            stored = dtype if dtype is not None else "a dtype torch does not know"
+            raise CheckpointError(
+                f"tensor {name!r} is stored as {stored}; gptqlab quantizes float16, bfloat16 or float32 weights "
+                "(an integer or float8 checkpoint is quantized already: start from its float weights)"
+            )

@@ -25,14 +25,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """An embedded model name, a local folder, or a Hub id (downloaded through huggingface_hub)."""
-    from gptqlab.embedded import resolve_model
+    """An embedded model name, a local folder, or a Hub id (downloaded through huggingface_hub).
 
+    A local folder must hold config.json, and every file in it must be a regular file: a FIFO or a device
+    among the weights would make a reader block forever."""
+    from gptqlab.embedded import resolve_model
+    from gptqlab.modelfiles import require_regular_files
+
+    if "\0" in model:
+        raise GptqlabError(f"model path {model!r} contains a NUL character")
     resolved = resolve_model(model)
     path = Path(resolved)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise GptqlabError(f"model folder {path} has no config.json")
+        require_regular_files(path)
         return path
     if path.exists():
         raise GptqlabError(f"model path {model} is a file; give the folder that holds config.json and the weights")

@@ -7,7 +7,14 @@ Resuming. ``OUT.partial/`` holds
   SHA-256 of the calibration tokens);
 - ``blocks/block-XXXXX.safetensors``: the packed tensors of each finished block;
 - ``state.safetensors``: the inputs of the next block (the outputs of the last finished one) with, in its
-  metadata, that block's number and the reports of the finished Linears.
+  metadata, that block's number, the reports of the finished Linears, the SHA-256 of every finished block
+  file, and a SHA-256 over the state itself (its tensors' bytes, shapes and dtypes and the other metadata).
+
+Checksums. A resumed run checks the state's own checksum and every block file against the SHA-256 recorded
+when it was written, so damage on disk (a flipped byte, a truncated file) is refused with a one-line error
+instead of being carried into the checkpoint; the assembled checkpoint is checked again, as ``gptqlab
+verify`` does, before it is renamed to OUT. Files in ``OUT.partial`` that gptqlab does not write are
+ignored (a warning names them) and deleted with the folder.
 
 Each file is written to ``*.tmp`` and renamed into place, and a block file is written before the state
 that points past it, so a run killed at any moment (SIGKILL included) leaves a consistent folder. The block
@@ -30,6 +37,7 @@ import errno
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -39,8 +47,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from gptqlab import __version__
-from gptqlab.checkpoint.write import save_atomic, write_json
-from gptqlab.errors import GptqlabError
+from gptqlab.checkpoint.write import save_atomic, sha256_file, write_json
+from gptqlab.errors import GptqlabError, printable
 from gptqlab.modelfiles import INDEX_FILE
 from gptqlab.quantize.driver import LayerReport
 
@@ -65,6 +73,23 @@ RESUME_SETTINGS = (
     "true_sequential",
     "mse",
 )
+
+
+_BLOCK_FILE = re.compile(r"block-(\d{5})\.safetensors")
+
+
+def state_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over a state's tensors (name, dtype, shape and bytes, in name order) and its metadata
+    (except the digest itself)."""
+    h = hashlib.sha256()
+    for key in sorted(meta):
+        if key != "state_sha256":
+            h.update(f"{key}={meta[key]}\n".encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def partial_dir(out: Path) -> Path:
@@ -129,6 +154,7 @@ class PartialRun:
         self.state_file = self.folder / "state.safetensors"
         self.finished = 0
         self.reports: list[LayerReport] = []
+        self.block_sha256: list[str] = []
         self.inputs: list[torch.Tensor] | None = None
 
     def block_file(self, i: int) -> Path:
@@ -147,6 +173,10 @@ class PartialRun:
                 raise GptqlabError(f"--resume: there is no run in progress at {self.folder}")
             return
         redo = "pass --no-resume to delete it and start over"
+        for path, folder in ((self.run_file, False), (self.state_file, False), (self.blocks, True)):
+            if path.exists() and path.is_dir() != folder:
+                kind = "a folder" if folder else "a file"
+                raise GptqlabError(f"{path} is in the way: gptqlab keeps {kind} there; {redo}")
         try:
             old = json.loads(self.run_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -161,10 +191,11 @@ class PartialRun:
             )
         if self.state_file.is_file():
             self._read_state(record, redo)
+        self._warn_strays()
         if self.finished:
             log.info(
                 "resuming %s: blocks 0-%d are done, continuing at block %d of %d",
-                self.folder,
+                printable(self.folder),
                 self.finished - 1,
                 self.finished,
                 record["blocks"],
@@ -174,19 +205,58 @@ class PartialRun:
         try:
             with safe_open(str(self.state_file), framework="pt") as h:
                 meta = h.metadata() or {}
-                finished = int(meta["next_block"])
-                reports = [LayerReport(**r) for r in json.loads(meta["reports"])]
-                inputs = [h.get_tensor(k) for k in sorted(h.keys(), key=lambda k: int(k.removeprefix("x.")))]
+                tensors = {k: h.get_tensor(k) for k in h.keys()}
+            if meta.get("state_sha256") != state_digest(tensors, meta):
+                raise ValueError("its checksum does not match its content")
+            finished = int(meta["next_block"])
+            reports = [LayerReport(**r) for r in json.loads(meta["reports"])]
+            hashes = json.loads(meta["blocks_sha256"])
+            if not isinstance(hashes, list) or not all(isinstance(x, str) for x in hashes):
+                raise ValueError("blocks_sha256 is not a list of digests")
         except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise GptqlabError(f"{self.state_file} is damaged ({type(exc).__name__}: {exc}); {redo}") from None
+            reason = printable(f"{type(exc).__name__}: {exc}")[:200]
+            raise GptqlabError(f"{self.state_file} is damaged ({reason}); {redo}") from None
+        keys = sorted(tensors)
+        inputs = [tensors[k] for k in keys]
         missing = [i for i in range(finished) if not self.block_file(i).is_file()]
         nsamples = record["settings"]["nsamples"]
-        if missing or not 0 < finished <= record["blocks"] or len(inputs) != nsamples:
+        well_named = keys == [f"x.{j:05d}" for j in range(len(keys))]
+        if missing or not 0 < finished <= record["blocks"] or len(inputs) != nsamples or len(hashes) != finished:
             raise GptqlabError(
                 f"{self.state_file} does not match the block files (next block {finished}, {len(inputs)} "
                 f"inputs for {nsamples} samples, missing blocks {missing}); {redo}"
             )
-        self.finished, self.reports, self.inputs = finished, reports, inputs
+        if not well_named:
+            raise GptqlabError(f"{self.state_file} is damaged (unexpected tensor names); {redo}")
+        for i, digest in enumerate(hashes):
+            try:
+                actual = sha256_file(self.block_file(i))
+            except OSError as exc:
+                raise GptqlabError(f"cannot read {self.block_file(i)} ({exc.strerror}); {redo}") from None
+            if actual != digest:
+                raise GptqlabError(
+                    f"{self.block_file(i)} is damaged: its SHA-256 differs from the one recorded when it was "
+                    f"written; {redo}"
+                )
+        self.finished, self.reports, self.block_sha256, self.inputs = finished, reports, hashes, inputs
+
+    def _warn_strays(self) -> None:
+        known = {self.run_file, self.state_file}
+        known |= {self.block_file(i) for i in range(self.finished)}
+        strays = [
+            p
+            for p in sorted(self.folder.rglob("*"))
+            if not p.is_dir()
+            and p not in known
+            and not p.name.endswith(".tmp")
+            and not (p.parent == self.blocks and _BLOCK_FILE.fullmatch(p.name))
+            and p != self.blocks / "rest.safetensors"
+            and self.folder / "final" not in p.parents
+        ]
+        if strays:
+            names = ", ".join(printable(p.relative_to(self.folder)) for p in strays[:5])
+            more = f" and {len(strays) - 5} more" if len(strays) > 5 else ""
+            log.warning("%s: ignoring files that gptqlab did not write: %s%s", printable(self.folder), names, more)
 
     def start(self, record: dict) -> None:
         """Create the folder for a fresh run, or clear what a killed run left beyond its last finished block."""
@@ -195,7 +265,8 @@ class PartialRun:
             for p in [*self.folder.glob("*.tmp"), *self.blocks.glob("*.tmp"), self.blocks / "rest.safetensors"]:
                 p.unlink(missing_ok=True)
             for p in self.blocks.glob("block-*.safetensors"):
-                if int(p.name[6:11]) >= self.finished:
+                number = _BLOCK_FILE.fullmatch(p.name)
+                if number and int(number.group(1)) >= self.finished and p.is_file():
                     p.unlink()
             return
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -205,11 +276,17 @@ class PartialRun:
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], reports: list[LayerReport], outputs: list) -> None:
         """Store finished block ``i``, then the state that points past it (``outputs``: block i+1's inputs)."""
         save_atomic(tensors, self.block_file(i), metadata={"format": "pt"})
+        hashes = [*self.block_sha256[:i], sha256_file(self.block_file(i))]
         reports = self.reports + reports
         state = {f"x.{j:05d}": x.detach().to("cpu").contiguous() for j, x in enumerate(outputs)}
-        meta = {"next_block": str(i + 1), "reports": json.dumps([asdict(r) for r in reports])}
+        meta = {
+            "next_block": str(i + 1),
+            "reports": json.dumps([asdict(r) for r in reports]),
+            "blocks_sha256": json.dumps(hashes),
+        }
+        meta["state_sha256"] = state_digest(state, meta)
         save_atomic(state, self.state_file, metadata=meta)
-        self.finished, self.reports = i + 1, reports
+        self.finished, self.reports, self.block_sha256 = i + 1, reports, hashes
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,12 +1,19 @@
 """``gptqlab quantize``: resolve the model, sample calibration data, run the layer-wise driver, and write
 the checkpoint.
 
-All input is validated before anything is written. Progress lives in ``OUT.partial/``, and the final
-folder is assembled there and renamed to OUT at the very end.
+All input is validated before anything is written, and before any heavy work: the config against the
+weights' headers (block count, every parameter's shape and dtype), the tokenizer against the embedding,
+and every Linear of every block against the bit width and group size. Inputs are never modified: an OUT
+that is, contains or lies inside the model folder or a calibration file is refused, with or without
+``--overwrite`` (which moves the old OUT aside and deletes it only once the new one is complete). One run at a time
+writes an OUT (:mod:`gptqlab.quantize.lock`). Progress lives in ``OUT.partial/``; the final folder is
+assembled there, checked as ``gptqlab verify`` checks it, and only then renamed to OUT.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import platform
@@ -17,16 +24,33 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from gptqlab import __version__
 from gptqlab.arch import arch_for, block_list
 from gptqlab.checkpoint.format import quantize_config_dict, to_checkpoint
-from gptqlab.checkpoint.write import publish, save_atomic, write_json, write_manifest, write_shards
-from gptqlab.errors import ConfigError, GptqlabError
+from gptqlab.checkpoint.write import (
+    publish,
+    save_atomic,
+    sha256_file,
+    temp_dir_for,
+    write_json,
+    write_manifest,
+    write_shards,
+)
+from gptqlab.errors import ConfigError, GptqlabError, printable
 from gptqlab.evaluate import model_context_length
-from gptqlab.modelfiles import materialize, model_config, model_skeleton, open_weights
+from gptqlab.modelfiles import (
+    check_layer_count,
+    check_parameters,
+    materialize,
+    model_config,
+    model_skeleton,
+    open_weights,
+)
+from gptqlab.quant.pack import codes_per_run
 from gptqlab.quantize.driver import LayerReport, QuantizedLinear, quantize_model
+from gptqlab.quantize.lock import lock_path, locked
 from gptqlab.quantize.options import QuantizeOptions, parse_size
 from gptqlab.quantize.progress import PartialRun, partial_dir, run_record, write_error
 from gptqlab.resolve import resolve_device, resolve_model_dir
@@ -49,8 +73,57 @@ def model_context(config, tokenizer) -> int | None:
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
+def _output_path(text: str) -> Path:
+    """OUT as a path, refused when no folder can be made under that name."""
+    if "\0" in text:
+        raise GptqlabError(f"output {text!r} contains a NUL character; choose another OUT")
+    out = Path(text).expanduser()
+    if out.name in ("", ".", ".."):
+        raise GptqlabError(f"output {text!r} does not name a folder; give OUT as a new folder's path")
+    return out
+
+
+def _written_paths(out: Path) -> list[Path]:
+    """Everything a run that writes ``out`` creates, moves or deletes."""
+    old = out.parent / f".{out.name}.old"  # where publish() moves a checkpoint that --overwrite replaces
+    return [out, partial_dir(out), temp_dir_for(out), old, lock_path(out)]
+
+
+def _input_paths(model_dir: Path, calib: str) -> list[tuple[str, Path]]:
+    """(what, path) of the run's local inputs: the model folder and the calibration files or folders."""
+    from gptqlab.calib import parse_spec
+
+    inputs = [("the model folder", model_dir)]
+    for source in parse_spec(calib):
+        if source.path is not None and Path(source.path).expanduser().exists():
+            inputs.append((f"calibration source {source.label}", Path(source.path).expanduser()))
+    return inputs
+
+
+def _check_inputs_untouched(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an OUT whose writing could touch an input: every path the run writes is compared with every
+    input after resolving symlinks, whether or not --overwrite is given."""
+    for written in _written_paths(out):
+        w = Path(os.path.realpath(written))
+        for what, path in inputs:
+            i = Path(os.path.realpath(path))
+            if w == i:
+                relation = "is"
+            elif w in i.parents:
+                relation = "contains"
+            elif i in w.parents:
+                relation = "lies inside"
+            else:
+                continue
+            name = "OUT" if written == out else f"OUT's work path {written.name}"
+            raise GptqlabError(
+                f"{name} {written} {relation} {what} ({path}); gptqlab never writes into or over its inputs: "
+                "choose an OUT elsewhere"
+            )
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise GptqlabError(f"output {out} already exists; pass --overwrite to replace it")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
@@ -60,6 +133,16 @@ def _check_out(out: Path, overwrite: bool) -> None:
     partial = partial_dir(out)
     if partial.exists() and not partial.is_dir():
         raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = max(len(os.fsencode(p.name)) for p in _written_paths(out))
+    if longest > name_max:
+        raise GptqlabError(
+            f"output name {out.name!r} is too long: gptqlab also writes {partial.name!r} beside it, and file "
+            f"names here hold at most {name_max} bytes; choose a shorter OUT"
+        )
     # os.access says yes to root even on a read-only mount, so try for real.
     try:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
@@ -67,6 +150,19 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise GptqlabError(
             f"cannot create output {out}: folder {parent} is not writable ({exc.strerror}); choose another OUT"
         ) from None
+
+
+def _probe_name(out: Path) -> None:
+    """Create and remove OUT.partial, so that a name the filesystem refuses (bad characters) fails now."""
+    partial = partial_dir(out)
+    if partial.exists():
+        return
+    try:
+        partial.mkdir()
+        partial.rmdir()
+    except OSError as exc:
+        hint = "choose another OUT" if exc.errno != errno.EEXIST else "another run is starting there"
+        raise GptqlabError(f"cannot create {partial}: {exc.strerror}; {hint}") from None
 
 
 def _test_pause() -> None:
@@ -89,23 +185,90 @@ def _block_tensors(block, prefix: str, done: dict[str, QuantizedLinear], bits: i
 
 def _iter_partial(files: list[Path]):
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                yield k, h.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    yield k, h.get_tensor(k)
+        except SafetensorError as exc:
+            raise _NotPublished(f"{f} cannot be read ({exc})") from None
+
+
+class _NotPublished(GptqlabError):
+    """The assembled checkpoint is unsound; the finished blocks are kept so that a rerun assembles it again."""
+
+
+def _check_packable(blocks, arch, opts: QuantizeOptions) -> None:
+    """Every Linear of every block fits the group size and the bit width's packing, before any block runs."""
+    per_run = codes_per_run(opts.bits)
+    for i, block in enumerate(blocks):
+        for n in arch.linears:
+            lin = block.get_submodule(n)
+            name = f"{arch.blocks}.{i}.{n}"
+            try:
+                opts.quant.group_size_for(lin.in_features)
+            except ConfigError as exc:
+                raise ConfigError(f"layer {name}: {exc}") from exc
+            if lin.in_features % per_run or lin.out_features % per_run:
+                raise ConfigError(
+                    f"layer {name} has {lin.in_features} inputs and {lin.out_features} outputs, but {opts.bits}-bit "
+                    f"packing needs both to be multiples of {per_run}; choose other --bits"
+                )
+
+
+def _check_vocab(tokenizer, model, input_ids: torch.Tensor | None = None) -> None:
+    """The tokenizer's ids fit the input embedding (an extended vocabulary needs its resized embedding).
+
+    Before calibration the tokenizer's base vocabulary is compared (added special tokens beyond the embedding
+    are common and harmless while they do not occur); with ``input_ids``, the ids actually drawn."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    size = getattr(tokenizer, "vocab_size", None)
+    mismatch = (
+        "the tokenizer does not belong to this model (an extended vocabulary needs the model whose embedding "
+        "was resized for it)"
+    )
+    if isinstance(size, int) and size > rows:
+        raise GptqlabError(f"the tokenizer has {size} tokens, but the model's embedding has {rows} rows: {mismatch}")
+    if input_ids is not None and input_ids.numel() and int(input_ids.max()) >= rows:
+        raise GptqlabError(
+            f"the calibration text has token id {int(input_ids.max())}, but the model's embedding has {rows} rows: "
+            f"{mismatch}"
+        )
+
+
+def _tied_names(model) -> list[str]:
+    """Names of output-embedding parameters that the config ties to the input embedding (may be absent)."""
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    return [f"{n}.weight" for n, m in model.named_modules() if m is out_emb]
 
 
 def quantize(opts: QuantizeOptions) -> Path:
     """Run ``gptqlab quantize``; returns the output folder."""
+    started = time.time()
+    out = _output_path(opts.out)
+    model_dir = resolve_model_dir(opts.model)
+    _check_inputs_untouched(out, _input_paths(model_dir, opts.calib))
+    _check_out(out, opts.overwrite)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(out))
+        except OSError as exc:
+            raise GptqlabError(
+                f"cannot create output {out}: {lock_path(out)} cannot be created ({exc.strerror}); choose another OUT"
+            ) from None
+        _probe_name(out)
+        return _quantize(opts, out, model_dir, started)
+
+
+def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float) -> Path:
     from transformers import AutoTokenizer
 
     from gptqlab.calib import load_calibration
 
-    started = time.time()
-    out = Path(opts.out).expanduser()
-    _check_out(out, opts.overwrite)
-    model_dir = resolve_model_dir(opts.model)
     device = resolve_device(opts.device)
     config = model_config(model_dir, opts.trust_remote_code)
+    check_layer_count(config, open_weights(model_dir).keys(), model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=opts.trust_remote_code)
     except Exception as exc:  # tokenizer files fail in many ways: OSError, ValueError, JSON and Rust errors
@@ -126,18 +289,16 @@ def quantize(opts: QuantizeOptions) -> Path:
     model.eval()
     arch = arch_for(model)
     blocks = block_list(model, arch)
-    for n in arch.linears:
-        lin = blocks[0].get_submodule(n)
-        try:
-            opts.quant.group_size_for(lin.in_features)
-        except ConfigError as exc:
-            raise ConfigError(f"layer {n}: {exc}") from exc
+    weights = open_weights(model_dir, prefix=model.base_model_prefix, model=model)
+    check_parameters(model, weights, tied=_tied_names(model))
+    _check_packable(blocks, arch, opts)
+    _check_vocab(tokenizer, model)
 
     calib = load_calibration(opts.calib, tokenizer, opts.nsamples, seqlen, opts.seed)
+    _check_vocab(tokenizer, model, calib.input_ids)
     if opts.progress:
         print(calib.summary())
 
-    weights = open_weights(model_dir, prefix=model.base_model_prefix, model=model)
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     block_prefix = arch.blocks + "."
     for name, p in list(model.named_parameters()):
@@ -171,6 +332,7 @@ def quantize(opts: QuantizeOptions) -> Path:
             start=run.finished,
             inputs=run.inputs,
         )
+        _check_block_files(run)
         staging = run.folder / "final"
         staging.mkdir()
         rest = {}
@@ -185,7 +347,13 @@ def quantize(opts: QuantizeOptions) -> Path:
         report = _report(opts, model_dir, calib, run.reports, device, started) | {"resumed_at_block": resumed_at}
         write_json(staging / "quant_report.json", report)
         write_manifest(staging)
+        _verify_before_publishing(staging, opts.trust_remote_code)
         publish(staging, out, opts.overwrite)
+    except _NotPublished as exc:
+        raise GptqlabError(
+            f"{exc}; nothing was published to {out}; {run.finished} finished blocks are kept in {run.folder}: "
+            "rerun the same command to assemble the checkpoint again, or pass --no-resume to start over"
+        ) from None
     except GptqlabError:
         run.discard()  # the input is bad: fixing it changes the model or the settings, so nothing is resumable
         raise
@@ -193,10 +361,31 @@ def quantize(opts: QuantizeOptions) -> Path:
         raise write_error(exc, run) from exc
     except BaseException:
         if run.finished:
-            log.warning("%d finished blocks are kept in %s; rerun the same command to resume", run.finished, run.folder)
+            log.warning(
+                "%d finished blocks are kept in %s; rerun the same command to resume",
+                run.finished,
+                printable(run.folder),
+            )
         raise
     run.discard()
     return out
+
+
+def _check_block_files(run: PartialRun) -> None:
+    """Every block file still has the SHA-256 it had when it was written (the disk may have changed it)."""
+    for i, digest in enumerate(run.block_sha256):
+        if sha256_file(run.block_file(i)) != digest:
+            raise _NotPublished(f"{run.block_file(i)} changed on disk after it was written")
+
+
+def _verify_before_publishing(staging: Path, trust_remote_code: bool) -> None:
+    """Run ``gptqlab verify``'s checks (hashes and tensors) on the assembled checkpoint."""
+    from gptqlab.checkpoint.verify import verify
+
+    report = verify(staging, hashes=True, trust_remote_code=trust_remote_code)
+    if not report.sound:
+        more = f" and {len(report.problems) - 1} more" if len(report.problems) > 1 else ""
+        raise _NotPublished(f"the assembled checkpoint fails verify: {report.problems[0]}{more}")
 
 
 def _tied(model) -> bool:
