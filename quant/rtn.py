@@ -18,10 +18,10 @@ def rtn(W: torch.Tensor, cfg: QuantConfig, H: torch.Tensor | None = None) -> Qua
     Wg = W.reshape(N, G, gs).transpose(0, 1).reshape(G * N, gs)  # rows of every group stacked: [G*N, gs]
     scale, zero = choose_qparams(Wg, cfg.maxq, cfg.sym, cfg.min_zero, cfg.mse)
     codes = quantize(Wg, scale, zero, cfg.maxq)
-    codes = codes.reshape(G, N, gs).transpose(0, 1).reshape(N, K).to(torch.int32)
+    codes = codes.reshape(G, N, gs).transpose(0, 1).reshape(N, K).to(torch.uint8)
     scales = scale.reshape(G, N).t().contiguous()
     zeros = zero.reshape(G, N).t().contiguous().to(torch.int32)
-    g_idx = torch.arange(K, dtype=torch.int32) // gs
+    g_idx = torch.arange(K, dtype=torch.int32, device=W.device) // gs
     Q = dequantize_codes(codes, scales, zeros, g_idx)
     loss = weighted_error(W, Q, H) if H is not None else None
     return QuantResult(codes, scales, zeros, g_idx, Q, loss)
