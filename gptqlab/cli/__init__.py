@@ -1,20 +1,20 @@
 """The ``gptqlab`` command line.
 
 Bad input raises :class:`gptqlab.errors.GptqlabError`; :func:`main` prints it as one line on stderr and
-exits with code 2, without a traceback. Every option below maps one to one onto a field of
-:class:`gptqlab.quantize.options.QuantizeOptions` (and so onto :class:`gptqlab.quant.QuantConfig`).
+exits with code 2, without a traceback. ``quantize``'s options are the fields of
+:class:`gptqlab.quantize.options.QuantizeOptions` (:mod:`gptqlab.cli.quantize`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from enum import Enum
 
 import typer
 
 from gptqlab.cli.bench import app as bench_app
 from gptqlab.cli.eval import app as eval_app
+from gptqlab.cli.quantize import quantize
 from gptqlab.errors import GptqlabError, printable
 
 app = typer.Typer(
@@ -34,104 +34,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
 
-class Method(str, Enum):
-    gptq = "gptq"
-    rtn = "rtn"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Format(str, Enum):
-    gptq = "gptq"
-    gptq_v2 = "gptq_v2"
-
-
-@app.command()
-def quantize(
-    model: str = typer.Argument(
-        ..., help="Embedded model name (tiny-zh-llama, tiny-zh-bloom), local folder or Hub id."
-    ),
-    out: str = typer.Argument(..., help="Output folder for the packed GPTQ checkpoint; must not exist yet."),
-    bits: int = typer.Option(4, help="Code width: 2, 3, 4 or 8 bits."),
-    group_size: int = typer.Option(128, help="Input channels sharing one scale/zero; -1 = one group per row."),
-    act_order: bool = typer.Option(
-        False, "--act-order/--no-act-order", help="Quantize columns by decreasing Hessian diagonal (desc_act)."
-    ),
-    static_groups: bool = typer.Option(
-        False, help="With --act-order, fix group scales before GPTQ so g_idx stays k // group_size."
-    ),
-    sym: bool = typer.Option(True, "--sym/--no-sym", help="Symmetric codes (zero = 2^(bits-1)) or asymmetric min/max."),
-    method: Method = typer.Option(Method.gptq, help="gptq: error-compensating GPTQ; rtn: round-to-nearest baseline."),
-    calib: str = typer.Option(
-        "peoples-daily",
-        help="Calibration spec: comma-separated NAME[:ARG][:WEIGHT] items, e.g. "
-        "'peoples-daily:0.7,belle:data.jsonl:0.3'. Names: peoples-daily, reviews, belle:PATH, txt:PATH, hf:NAME.",
-    ),
-    nsamples: int = typer.Option(128, help="Number of calibration sequences."),
-    seqlen: int = typer.Option(None, help="Tokens per calibration sequence [default: min(2048, model context)]."),
-    device: Device = typer.Option(Device.auto, help="Where blocks are quantized: auto picks cuda when available."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    format: Format = typer.Option(Format.gptq, "--format", help="gptq (v1, stores zero-1, vLLM's default) or gptq_v2."),
-    damp_percent: float = typer.Option(
-        0.01, help="Dampening of the Hessian diagonal; raised automatically if Cholesky fails."
-    ),
-    true_sequential: bool = typer.Option(
-        True,
-        "--true-sequential/--no-true-sequential",
-        help="Quantize a block's Linears stage by stage, each seeing the quantized stages before it.",
-    ),
-    mse: bool = typer.Option(
-        False, "--mse/--no-mse", help="Search a clipping range per group that minimises the quantization error."
-    ),
-    max_shard_size: str = typer.Option("4GB", help="Largest safetensors shard, e.g. 2GB or 500MB."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace OUT if it exists (only once the new checkpoint is complete)."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow a model's own Python code to run (custom architectures)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
-    resume: bool | None = typer.Option(
-        None,
-        "--resume/--no-resume",
-        help="OUT.partial keeps the progress of a killed run, and rerunning the same command continues it "
-        "[default: continue when one matches]. --resume: fail if there is none; --no-resume: delete it, start over.",
-    ),
-) -> None:
-    """Quantize MODEL with Chinese calibration data and write a packed GPTQ checkpoint to OUT."""
-    from gptqlab.quantize.options import QuantizeOptions
-    from gptqlab.quantize.run import quantize as run
-
-    opts = QuantizeOptions(
-        model=model,
-        out=out,
-        bits=bits,
-        group_size=group_size,
-        act_order=act_order,
-        static_groups=static_groups,
-        sym=sym,
-        method=method.value,
-        calib=calib,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        device=device.value,
-        seed=seed,
-        format=format.value,
-        damp_percent=damp_percent,
-        true_sequential=true_sequential,
-        mse=mse,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        progress=not quiet,
-        resume=resume,
-    )
-    path = run(opts)
-    typer.echo(f"wrote {path}")
+app.command()(quantize)
 
 
 @app.command()

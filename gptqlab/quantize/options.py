@@ -1,4 +1,9 @@
-"""The settings of ``gptqlab quantize``: one validated record that the CLI maps onto field by field."""
+"""The settings of ``gptqlab quantize``: one validated record.
+
+Each field carries its command-line help in its metadata (:func:`option`); ``gptqlab quantize`` builds
+its flags from these fields (:mod:`gptqlab.cli.quantize`), so a setting is added here and nowhere else.
+The module imports no torch, so the CLI starts fast; :class:`QuantConfig` is built on validation.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,13 @@ import re
 from dataclasses import dataclass, field
 
 from gptqlab.errors import ConfigError
-from gptqlab.quant import QuantConfig
-from gptqlab.quantize.driver import METHODS
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+
+METHODS = ("gptq", "rtn")
+DEVICES = ("auto", "cpu", "cuda")
+FORMATS = ("gptq", "gptq_v2")
+DTYPES = ("float16", "bfloat16")
 
 
 def parse_size(text: str) -> int:
@@ -20,44 +28,96 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " "))
 
 
+def argument(help: str):
+    """A required positional field."""
+    return field(metadata={"help": help, "argument": True})
+
+
+def option(default, help: str, *decls: str, choices: tuple[str, ...] = (), cli_name: str = "", invert: bool = False):
+    """A field with a default and its flag.
+
+    help: the ``--help`` text (typer adds ``[default: ...]``; say the default in the text when it is None).
+    decls: the flag spellings when typer's own (``--group-size``, ``--mse/--no-mse``) are not wanted.
+    choices: the allowed strings, shown as ``<a|b>``. cli_name/invert: the CLI parameter is called
+    ``cli_name`` and holds ``not value`` (``--quiet`` sets ``progress=False``).
+    """
+    meta = {"help": help, "decls": decls, "choices": choices, "cli_name": cli_name, "invert": invert}
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class QuantizeOptions:
     """Everything ``gptqlab quantize`` takes; CLI flags map one to one onto these fields."""
 
-    model: str
-    out: str
-    bits: int = 4
-    group_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
-    sym: bool = True
-    method: str = "gptq"
-    calib: str = "peoples-daily"
-    nsamples: int = 128
-    seqlen: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    format: str = "gptq"
-    damp_percent: float = 0.01
-    true_sequential: bool = True
-    mse: bool = False
-    max_shard_size: str = "4GB"
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    progress: bool = True
-    resume: bool | None = None
+    model: str = argument("Embedded model name (tiny-zh-llama, tiny-zh-bloom), local folder or Hub id.")
+    out: str = argument("Output folder for the packed GPTQ checkpoint; must not exist yet.")
+    bits: int = option(4, "Code width in bits: 2, 3, 4 or 8.")
+    group_size: int = option(128, "Input channels sharing one scale/zero; -1 = one group per row.")
+    act_order: bool = option(
+        False, "Quantize columns by decreasing Hessian diagonal (desc_act).", "--act-order/--no-act-order"
+    )
+    static_groups: bool = option(
+        False, "With --act-order, fix group scales before GPTQ so g_idx stays k // group_size."
+    )
+    sym: bool = option(True, "Symmetric codes (zero = 2^(bits-1)) or asymmetric min/max.", "--sym/--no-sym")
+    method: str = option("gptq", "gptq: error-compensating GPTQ; rtn: round-to-nearest baseline.", choices=METHODS)
+    calib: str = option(
+        "peoples-daily",
+        "Calibration spec: comma-separated NAME[:ARG][:WEIGHT] items, e.g. "
+        "'peoples-daily:0.7,belle:data.jsonl:0.3'. Names: peoples-daily, reviews, belle:PATH, txt:PATH, hf:NAME.",
+    )
+    nsamples: int = option(128, "Number of calibration sequences.")
+    seqlen: int | None = option(None, "Tokens per calibration sequence. Default: min(2048, the model's context).")
+    device: str = option("auto", "Where blocks are quantized: auto picks cuda when available.", choices=DEVICES)
+    seed: int = option(0, "Seed for calibration sampling.")
+    format: str = option("gptq", "gptq (v1, stores zero-1, vLLM's default) or gptq_v2.", "--format", choices=FORMATS)
+    damp_percent: float = option(
+        0.01, "Dampening of the Hessian diagonal, in (0, 1); raised automatically if Cholesky fails."
+    )
+    true_sequential: bool = option(
+        True,
+        "Quantize a block's Linears stage by stage, each seeing the quantized stages before it.",
+        "--true-sequential/--no-true-sequential",
+    )
+    mse: bool = option(
+        False, "Search a clipping range per group that minimises the quantization error.", "--mse/--no-mse"
+    )
+    max_shard_size: str = option("4GB", "Largest safetensors shard, e.g. 2GB or 500MB.")
+    overwrite: bool = option(
+        False, "Replace OUT if it exists (only once the new checkpoint is complete). Default: off.", "--overwrite"
+    )
+    trust_remote_code: bool = option(
+        False, "Allow a model's own Python code to run (custom architectures). Default: off.", "--trust-remote-code"
+    )
+    progress: bool = option(
+        True,
+        "No progress bars or summary. Default: off (progress is shown).",
+        "--quiet",
+        "-q",
+        cli_name="quiet",
+        invert=True,
+    )
+    resume: bool | None = option(
+        None,
+        "OUT.partial keeps the progress of a killed run, and rerunning the same command continues it. "
+        "Default: continue when one matches. --resume: fail if there is none; --no-resume: delete it, start over.",
+        "--resume/--no-resume",
+    )
     """None: continue a matching OUT.partial if there is one; True: the same, but fail when there is none;
     False: delete any OUT.partial and start over."""
-    quant: QuantConfig = field(init=False)
+    quant: object = field(init=False, repr=False)
+    """The :class:`gptqlab.quant.QuantConfig` these options give (built by validation)."""
 
     def __post_init__(self) -> None:
+        from gptqlab.quant import QuantConfig
+
         if self.method not in METHODS:
             raise ConfigError(f"method must be gptq or rtn, got {self.method!r}")
         if self.nsamples <= 0:
             raise ConfigError(f"--nsamples must be positive, got {self.nsamples}")
         if self.seqlen is not None and self.seqlen <= 0:
             raise ConfigError(f"--seqlen must be positive, got {self.seqlen}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         parse_size(self.max_shard_size)
         self.quant = QuantConfig(
