@@ -193,7 +193,15 @@ def test_bench_peers_tiny(tiny_models, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in plots.iterdir()) == ["domain.png", "peers_cost.png", "peers_ppl.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots.iterdir())
     out = capsys.readouterr().out
-    assert "calibration domain" in out and ("PASS" in out or "MISS" in out)
+    assert "calibration domain" in out
+    printed = out.split("\ntargets\n", 1)[1].splitlines()
+    for t in result["targets"]:  # one printed line per target, with the verdict the JSON holds
+        assert sum(line.startswith(f"{t['status']}  {t['target']}: ") for line in printed) >= 1
+    for name in {t["target"] for t in result["targets"]}:  # and a summary line per target
+        group = [t for t in result["targets"] if t["target"] == name]
+        passed = sum(t["status"] == "PASS" for t in group)
+        summary = f"{'PASS' if passed == len(group) else 'MISS'}  {name}: {passed}/{len(group)} pass"
+        assert summary in printed
 
 
 BAD_INPUTS = [
@@ -216,3 +224,89 @@ def test_bad_input_exits_2_with_one_line(tiny_models, tmp_path, capsys, what, ar
     assert code == 2, err
     assert err.startswith("gptqlab: error:") and "\n" not in err and "Traceback" not in err
     assert message in err
+
+
+def quantize_options(argv: list[str]):
+    """The QuantizeOptions that ``gptqlab quantize ARGV`` would run with (parsed, not run)."""
+    import typer
+
+    from gptqlab.cli import app
+    from gptqlab.cli.quantize import options_from
+
+    command = typer.main.get_command(app).commands["quantize"]
+    return options_from(command.make_context("quantize", list(argv)).params)
+
+
+def test_quantize_flags_are_the_options_fields():
+    from dataclasses import fields
+
+    from gptqlab.quantize.options import QuantizeOptions
+
+    assert quantize_options(["m", "o"]).__dict__ == QuantizeOptions(model="m", out="o").__dict__  # same defaults
+    argv = "m o --bits 3 --group-size 64 --act-order --static-groups --no-sym --method rtn --calib reviews "
+    argv += "--nsamples 8 --seqlen 32 --device cpu --seed 5 --format gptq_v2 --damp-percent 0.1 "
+    argv += "--no-true-sequential --mse --max-shard-size 1GB --overwrite --trust-remote-code -q --no-resume"
+    got = quantize_options(argv.split())
+    want = QuantizeOptions(
+        "m",
+        "o",
+        3,
+        64,
+        True,
+        True,
+        False,
+        "rtn",
+        "reviews",
+        8,
+        32,
+        "cpu",
+        5,
+        "gptq_v2",
+        0.1,
+        False,
+        True,
+        "1GB",
+        True,
+        True,
+        False,
+        False,
+    )
+    assert got.__dict__ == want.__dict__
+    assert len([f for f in fields(QuantizeOptions) if f.init]) == 22  # a new field needs a flag above too
+
+
+def test_quantize_help_explains_every_option(capsys, monkeypatch):
+    from gptqlab.quant.pack import SUPPORTED_BITS
+    from gptqlab.quantize.driver import METHODS as DRIVER_METHODS
+    from gptqlab.quantize.options import METHODS
+
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option
+    assert run_cli(["quantize", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps lines; compare words
+    for flag in (
+        "--bits",
+        "--group-size",
+        "--act-order",
+        "--static-groups",
+        "--sym",
+        "--method",
+        "--calib",
+        "--nsamples",
+        "--seqlen",
+        "--device",
+        "--seed",
+        "--format",
+        "--damp-percent",
+        "--true-sequential",
+        "--mse",
+        "--max-shard-size",
+        "--overwrite",
+        "--trust-remote-code",
+        "--quiet",
+        "--resume",
+    ):
+        assert flag in out
+    assert "Default: min(2048, the model's context)" in out  # not eaten as rich markup
+    bits = ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"
+    assert f"Code width in bits: {bits}." in out
+    assert METHODS == DRIVER_METHODS

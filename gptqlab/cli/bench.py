@@ -131,7 +131,7 @@ def peers(
     """gptqlab GPTQ vs gptqlab RTN vs GPTQModel vs fp16 on the embedded models, and the calibration domain
     effect; prints PASS/MISS for the quality and speed targets."""
     from gptqlab.benchmarks.bench_peers import PeersOptions, run
-    from gptqlab.benchmarks.common import split_list
+    from gptqlab.cli.report import split_list
 
     opts = PeersOptions(
         models=split_list(models),
