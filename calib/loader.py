@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +21,17 @@ import torch
 from gptqlab.calib.readers import source_paragraphs
 from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
 from gptqlab.calib.spec import SourceSpec, kind_from_extension, parse_hf_ref, parse_spec
-from gptqlab.errors import CalibrationError
+from gptqlab.errors import CalibrationError, printable
 
 # Characters tokenized in one piece. Pieces bound the memory of one tokenizer call and let a fast tokenizer
 # encode them in parallel. They are not sized by model_max_length: a SentencePiece tokenizer adds a prefix
 # space at the start of every piece, so pieces of a few hundred characters would add a token every few
 # hundred characters and bias tokens_per_char. The length warning is switched off instead (verbose=False).
+# A paragraph longer than a piece is cut, so no single line of text can make one call large.
 CHUNK_CHARS = 16_384
+# Pieces per tokenizer call; the ids of a call are turned into a tensor before the next, so Python's lists of
+# ints (about 40 bytes per token) never hold more than one batch.
+BATCH_PIECES = 16
 EVAL_BUILTINS = {f"{name}-heldout": name for name in BUILTIN_SOURCES}
 EVAL_HF_DEFAULT_SPLIT = "test"
 
@@ -110,21 +114,36 @@ class CalibSet:
         }
 
     def summary(self) -> str:
-        """A short table: samples, tokens, characters and tokens/char per source, then the totals."""
+        """A short table per source, then the totals: samples and the tokens they hold (samples x seqlen, what
+        calibration uses), then the size of the source text (characters and tokens) and its tokens/char.
+        Source names are printed with control characters escaped."""
         rows = [
-            (s.source.label, f"{s.source.weight:.2f}", s.samples, s.tokens, s.characters, s.tokens_per_char)
+            (
+                printable(s.source.label),
+                f"{s.source.weight:.2f}",
+                s.samples,
+                s.samples * self.seqlen,
+                s.characters,
+                s.tokens,
+                s.tokens_per_char,
+            )
             for s in self.sources
         ]
         total_tokens = sum(s.tokens for s in self.sources)
         total_chars = sum(s.characters for s in self.sources)
-        rows.append(("total", "1.00", self.nsamples, total_tokens, total_chars, self.tokens_per_char))
+        sampled = self.nsamples * self.seqlen
+        rows.append(("total", "1.00", self.nsamples, sampled, total_chars, total_tokens, self.tokens_per_char))
         width = max(len("source"), *(len(r[0]) for r in rows))
         lines = [
             f"calibration: {self.nsamples} samples x {self.seqlen} tokens, seed {self.seed}",
-            f"{'source':<{width}}  weight  samples  {'tokens':>11}  {'characters':>11}  tokens/char",
+            f"{'source':<{width}}  weight  samples  {'tokens':>9}  {'text chars':>11}  {'text tokens':>11}  "
+            "tokens/char",
         ]
-        for label, weight, samples, tokens, chars, ratio in rows:
-            lines.append(f"{label:<{width}}  {weight:>6}  {samples:>7}  {tokens:>11,}  {chars:>11,}  {ratio:>11.3f}")
+        for label, weight, samples, tokens, chars, text_tokens, ratio in rows:
+            lines.append(
+                f"{label:<{width}}  {weight:>6}  {samples:>7}  {tokens:>9,}  {chars:>11,}  {text_tokens:>11,}  "
+                f"{ratio:>11.3f}"
+            )
         return "\n".join(lines)
 
 
@@ -159,28 +178,48 @@ def _generator(seed: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def tokenize_paragraphs(tokenizer: Any, paragraphs: Sequence[str]) -> tuple[torch.Tensor, int]:
-    """Token ids of ``"\\n".join(paragraphs)`` without special tokens, and the number of characters.
+def text_pieces(paragraphs: Iterable[str]) -> Iterator[str]:
+    """``"\\n".join(paragraphs)`` cut into pieces of at most :data:`CHUNK_CHARS` characters.
 
-    tokenizer: a Hugging Face tokenizer (called as ``tokenizer(list_of_str, add_special_tokens=False)``).
-    The text is cut between paragraphs into pieces of at most :data:`CHUNK_CHARS` characters (one long
-    paragraph may exceed it), each piece but the last keeping its trailing "\\n". Returns int64 [T] and the
-    number of characters tokenized.
+    Pieces end between paragraphs, each but the last keeping its trailing "\\n"; a paragraph longer than
+    ``CHUNK_CHARS`` is cut into pieces of exactly that length, and its remainder starts the next piece.
     """
-    pieces: list[str] = []
     current: list[str] = []
     size = 0
     for paragraph in paragraphs:
+        while len(paragraph) > CHUNK_CHARS:
+            if current:
+                yield "\n".join(current) + "\n"
+                current, size = [], 0
+            yield paragraph[:CHUNK_CHARS]
+            paragraph = paragraph[CHUNK_CHARS:]
         if current and size + len(paragraph) > CHUNK_CHARS:
-            pieces.append("\n".join(current) + "\n")
+            yield "\n".join(current) + "\n"
             current, size = [], 0
         current.append(paragraph)
         size += len(paragraph) + 1
-    pieces.append("\n".join(current))
-    # verbose=False: a piece longer than model_max_length is expected here; windows of seqlen are cut later.
-    encoded = tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
-    ids = torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long)
-    return ids, sum(len(p) for p in pieces)
+    yield "\n".join(current)
+
+
+def tokenize_paragraphs(tokenizer: Any, paragraphs: Iterable[str]) -> tuple[torch.Tensor, int]:
+    """Token ids of ``"\\n".join(paragraphs)`` without special tokens, and the number of characters.
+
+    tokenizer: a Hugging Face tokenizer (called as ``tokenizer(list_of_str, add_special_tokens=False)``).
+    The text is tokenized in pieces (:func:`text_pieces`), :data:`BATCH_PIECES` pieces per call. Returns
+    int64 [T] and the number of characters tokenized.
+
+    Memory: 8 bytes per token for the result, plus one call's work on at most ``BATCH_PIECES x CHUNK_CHARS``
+    characters, whatever the length of a paragraph.
+    """
+    parts: list[torch.Tensor] = []
+    characters = 0
+    pieces = text_pieces(paragraphs)
+    while batch := list(itertools.islice(pieces, BATCH_PIECES)):
+        characters += sum(len(p) for p in batch)
+        # verbose=False: a piece longer than model_max_length is expected; windows of seqlen are cut later.
+        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        parts.append(torch.tensor(list(itertools.chain.from_iterable(encoded)), dtype=torch.long))
+    return torch.cat(parts), characters
 
 
 def draw_windows(ids: torch.Tensor, count: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:

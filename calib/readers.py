@@ -1,16 +1,26 @@
 """Read each kind of source into paragraphs: a list of non-empty strings, in file order.
 
-Every problem with a file (missing, unreadable, not UTF-8, empty, malformed, a record without the expected
-fields) raises :class:`CalibrationError` naming the file and, where there is one, the 1-based line number.
+Every problem with a file (missing, unreadable, not a regular file, not UTF-8, empty, malformed, malformed
+Unicode, a record without the expected fields) raises :class:`CalibrationError` naming the file and, where
+there is one, the 1-based line number.
+
+Memory. Plain text and JSON-lines files are read as a stream, :data:`READ_BYTES` at a time, so memory
+never grows with the length of one line: a ``.txt`` line longer than :data:`MAX_PARAGRAPH_CHARS`
+characters becomes several paragraphs of at most that length, and a ``.jsonl`` line longer than
+:data:`MAX_RECORD_CHARS` is refused. The paragraphs of a source are held in memory (about the size of the
+text); a ``.json`` list is decoded whole, so large BELLE files are better given as ``.jsonl``.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gptqlab.calib.sources import BUILTIN_SOURCES, builtin_texts
 from gptqlab.calib.spec import SourceSpec
@@ -23,6 +33,14 @@ TURN_SEPARATOR = "\n\n"
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
+# A paragraph of plain text holds at most this many characters; a longer line is cut into several. The
+# tokenizer sees one paragraph at a time at most, and a byte-level BPE tokenizer's memory grows quickly with
+# the length of a run of text without spaces (Chinese has none): 20 MB in one line took 5 GB.
+MAX_PARAGRAPH_CHARS = 16_384
+# A JSON-lines record (one line) longer than this is refused rather than decoded.
+MAX_RECORD_CHARS = 4_000_000
+READ_BYTES = 1 << 20  # bytes read from a file at a time
+
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
 
@@ -33,24 +51,94 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def read_utf8(path: str) -> str:
-    """The text of ``path``, decoded as UTF-8 (a leading byte-order mark is dropped); never empty."""
+def _open(path: str) -> IO[bytes]:
+    """``path`` opened for binary reading, after refusing what is not a regular file (a FIFO or a device
+    would block or never end)."""
     try:
-        data = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise CalibrationError(f"{path}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise CalibrationError(f"{path} is a directory; give a file") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise CalibrationError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise CalibrationError(f"{path} is a directory; give a file")
+    if not stat.S_ISREG(mode):
+        raise CalibrationError(f"{path} is not a regular file (a FIFO, socket or device); give a file")
+    try:
+        return Path(path).open("rb")
     except OSError as exc:
         raise CalibrationError(f"cannot read {path}: {exc.strerror}; check that the file is readable") from None
+
+
+def _not_utf8(path: str, data: bytes, start: int, offset: int, line: int) -> CalibrationError:
+    return CalibrationError(
+        f"{path} is not UTF-8: byte 0x{data[start]:02x} at byte offset {offset} (line {line}); "
+        "convert it, e.g. iconv -f GB18030 -t UTF-8"
+    )
+
+
+def read_lines(path: str, max_chars: int, cut: bool) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of a UTF-8 file, read as a stream (a leading byte-order mark
+    is dropped; the text has no "\\n").
+
+    A line longer than ``max_chars`` characters is yielded in consecutive pieces of at most ``max_chars``
+    under the same line number when ``cut``, else refused. Memory: ``READ_BYTES`` plus ``max_chars``.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    number, consumed, pending, first = 1, 0, [], True
+    size = 0
+    with _open(path) as f:
+        while True:
+            try:
+                chunk = f.read(READ_BYTES)
+            except OSError as exc:
+                raise CalibrationError(f"cannot read {path}: {exc.strerror}") from None
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                held = len(exc.object) - len(chunk)  # bytes of an unfinished character from the last chunk
+                line = number + exc.object[: exc.start].count(b"\n")
+                raise _not_utf8(path, exc.object, exc.start, consumed - held + exc.start, line) from None
+            consumed += len(chunk)
+            if first:
+                text, first = text.removeprefix("\ufeff"), False
+            parts = text.split("\n")
+            for k, part in enumerate(parts):
+                while size + len(part) > max_chars:
+                    if not cut:
+                        raise CalibrationError(
+                            f"{path} line {number} is longer than {max_chars:,} characters; one record per line "
+                            "must be shorter: split the record"
+                        )
+                    room = max_chars - size
+                    pending.append(part[:room])
+                    yield number, "".join(pending)
+                    part, pending, size = part[room:], [], 0
+                if part:
+                    pending.append(part)
+                    size += len(part)
+                if k < len(parts) - 1:  # a newline ends the line
+                    yield number, "".join(pending)
+                    number, pending, size = number + 1, [], 0
+            if not chunk:
+                break
+    if pending:
+        yield number, "".join(pending)
+
+
+def read_utf8(path: str) -> str:
+    """The whole text of ``path``, decoded as UTF-8 (a leading byte-order mark is dropped); never empty.
+    Memory: the size of the file, twice."""
+    with _open(path) as f:
+        try:
+            data = f.read()
+        except OSError as exc:
+            raise CalibrationError(f"cannot read {path}: {exc.strerror}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise CalibrationError(
-            f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line {line}); "
-            "convert it, e.g. iconv -f GB18030 -t UTF-8"
-        ) from None
+        raise _not_utf8(path, data, exc.start, exc.start, line) from None
     # Windows editors write a BOM; it is not part of the first paragraph.
     text = text.removeprefix("\ufeff")
     if not text.strip():
@@ -59,9 +147,25 @@ def read_utf8(path: str) -> str:
 
 
 def txt_paragraphs(path: str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, stripped of surrounding whitespace."""
-    paragraphs = [line.strip() for line in read_utf8(path).split("\n")]
-    return [p for p in paragraphs if p]
+    """Non-empty lines of a UTF-8 text file, stripped of surrounding whitespace; a line longer than
+    :data:`MAX_PARAGRAPH_CHARS` becomes several paragraphs."""
+    paragraphs = [p for _, line in read_lines(path, MAX_PARAGRAPH_CHARS, cut=True) if (p := line.strip())]
+    if not paragraphs:
+        raise CalibrationError(f"{path} is empty; give a file with text in it")
+    return paragraphs
+
+
+def check_unicode(text: str, where: str) -> str:
+    """``text`` unchanged, or CalibrationError when it holds an unpaired surrogate (JSON's ``"\\ud800"``
+    decodes to one), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ascii(text[exc.start])[1:-1]
+        raise CalibrationError(
+            f"{where}: malformed Unicode: an unpaired surrogate {bad} at character {exc.start}; fix the record"
+        ) from None
+    return text
 
 
 def _turn(turn: Any, where: str, number: int) -> str:
@@ -122,10 +226,9 @@ def _undecodable(exc: ValueError | RecursionError) -> str:
     return "holds an integer too long to convert"
 
 
-def _jsonl_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
+def _jsonl_records(lines: Iterator[tuple[int, str]], path: str) -> Iterator[tuple[int, Any]]:
     """(1-based line number, decoded record) for every non-blank line."""
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and similar, which splitlines breaks on.
-    for number, line in enumerate(text.split("\n"), 1):
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -137,6 +240,11 @@ def _jsonl_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
             ) from None
         except (ValueError, RecursionError) as exc:
             raise CalibrationError(f"{path} line {number}: the record {_undecodable(exc)}") from None
+
+
+def _text_lines(text: str) -> Iterator[tuple[int, str]]:
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and similar, which splitlines breaks on.
+    return enumerate(text.split("\n"), 1)
 
 
 def _json_array_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
@@ -193,17 +301,22 @@ def _json_records(text: str, path: str) -> Iterator[tuple[int, Any]]:
         raise CalibrationError(
             f"{path} line {error.lineno}: not valid JSON ({error.msg} at column {error.colno})"
         ) from None
-    return _jsonl_records(text, path)
+    return _jsonl_records(_text_lines(text), path)
 
 
 def belle_paragraphs(path: str) -> list[str]:
-    """Rendered records of a BELLE .json or .jsonl file, one paragraph per record."""
-    text = read_utf8(path)
+    """Rendered records of a BELLE .json or .jsonl file, one paragraph per record. A ``.jsonl`` file is read
+    as a stream, one line at a time (see the module docstring for the memory this takes)."""
     if Path(path).suffix.lower() == ".jsonl":
-        records = _jsonl_records(text, path)
+        records = _jsonl_records(read_lines(path, MAX_RECORD_CHARS, cut=False), path)
     else:
-        records = _json_records(text, path)
-    paragraphs = [render_belle(record, f"{path} line {line}") for line, record in records]
+        records = _json_records(read_utf8(path), path)
+    paragraphs = []
+    for line, record in records:
+        where = f"{path} line {line}"
+        paragraphs.append(check_unicode(render_belle(record, where), where))
+    if not paragraphs and Path(path).suffix.lower() == ".jsonl":
+        raise CalibrationError(f"{path} is empty; give a file with text in it")
     if not paragraphs:
         raise CalibrationError(f"{path} holds no records; give a file with at least one BELLE record")
     return paragraphs

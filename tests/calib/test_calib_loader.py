@@ -134,17 +134,20 @@ def test_summary_table(tokenizer, two_files):
     calib = load_calibration(f"txt:{two_files[0]}:3,txt:{two_files[1]}:1", tokenizer, 4, SEQLEN)
     lines = calib.summary().split("\n")
     assert lines[0] == f"calibration: 4 samples x {SEQLEN} tokens, seed 0"
-    assert lines[1].split() == ["source", "weight", "samples", "tokens", "characters", "tokens/char"]
+    assert lines[1].split() == "source weight samples tokens text chars text tokens tokens/char".split()
     first = calib.sources[0]
+    # The tokens column counts what calibration uses (3 samples x SEQLEN), not the whole text (issue 11).
     assert lines[2].split() == [
         f"txt:{two_files[0]}",
         "0.75",
         "3",
-        f"{first.tokens:,}",
+        f"{3 * SEQLEN:,}",
         f"{first.characters:,}",
+        f"{first.tokens:,}",
         f"{first.tokens_per_char:.3f}",
     ]
-    assert lines[4].split()[:3] == ["total", "1.00", "4"]
+    assert first.tokens > 3 * SEQLEN
+    assert lines[4].split()[:4] == ["total", "1.00", "4", f"{4 * SEQLEN:,}"]
     assert lines[4].split()[-1] == f"{calib.tokens_per_char:.3f}"
 
 

@@ -98,11 +98,11 @@ def test_directory_instead_of_file(tmp_path):
 def test_unreadable_file(tmp_path, monkeypatch):
     path = _write(tmp_path / "secret.txt", "文本")
 
-    def refuse(self):
+    def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
 
     # Tests may run as root, which chmod cannot lock out, so the refusal is simulated.
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(CalibrationError, match=r"cannot read .*secret\.txt: Permission denied; check that"):
         txt_paragraphs(path)
 
