@@ -27,6 +27,7 @@ from gptqlab.quantize.distributed import (
     Distributed,
     PairwiseSum,
     RankFailure,
+    RemoteError,
     assign_owners,
     chunk_ranges,
     cover,
@@ -380,6 +381,11 @@ def test_ranks_agree_with_one_process(tmp_path, world):
         assert s["broadcast"] == [("torch.float16", [[0.0] * 3] * 2), ("torch.bool", [True, False, True, True])]
         # The owner's bad-input error reaches every rank as a one-line GptqlabError; the group survives it.
         assert s["owner_error"] == "GptqlabError: layer blocks.0.bad: the weights contain NaN or Inf"
+        assert s["bug"] == (
+            "ZeroDivisionError: division by zero"
+            if r == 1
+            else "RemoteError: rank 1 failed while solving blocks.0.bug: ZeroDivisionError: division by zero"
+        )
         assert s["mismatch"] == (
             "ConfigError: rank 1 was started with other settings than rank 0; start every rank with the same command"
         )
@@ -423,14 +429,14 @@ def _scenario_agree(ctx: Distributed, out: Path) -> None:
     owners = ctx.owners(SHAPES)
     saved: dict = {"owners": owners, "H": [], "result": []}
     mine = ctx.my_chunks(C)
+    names = [f"blocks.0.linear{i}" for i in range(len(SHAPES))]
     for i, (_N, K) in enumerate(SHAPES):
         acc = ctx.hessian(K, C)
         for c in mine:
             acc.add(chunk_inputs(c, K))
-        H = acc.reduce(owners[i], f"blocks.0.linear{i}")
-        saved["H"].append(H)
-        res = ctx.solve_on(owners[i], lambda i=i, H=H: gptq(weight(i), H, QCFG), f"blocks.0.linear{i}")
-        saved["result"].append(result_fields(res))
+        saved["H"].append(acc.reduce(owners[i], names[i]))
+    solves = [lambda i=i: gptq(weight(i), saved["H"][i], QCFG) for i in range(len(SHAPES))]
+    saved["result"] = [result_fields(r) for r in ctx.solve_stage(owners, solves, names)]
     # One Hessian for two owners (Linears that share their input), the last rank combining it.
     acc = ctx.hessian(16, C)
     for c in mine:
@@ -459,10 +465,19 @@ def _scenario_agree(ctx: Distributed, out: Path) -> None:
     def bad():
         raise GptqlabError("layer blocks.0.bad: the weights contain NaN or Inf")
 
-    try:
-        ctx.solve_on(ctx.world - 1, bad, "blocks.0.bad")
+    def bug():
+        raise ZeroDivisionError("division by zero")
+
+    try:  # the first failure in stage order is raised everywhere, after the whole exchange
+        ctx.solve_stage(
+            [0, ctx.world - 1, 1], [lambda: stored, bad, bug], ["blocks.0.ok", "blocks.0.bad", "blocks.0.bug"]
+        )
     except GptqlabError as exc:
         saved["owner_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        ctx.solve_on(1, bug, "blocks.0.bug")
+    except (ZeroDivisionError, RemoteError) as exc:
+        saved["bug"] = f"{type(exc).__name__}: {exc}"
     try:
         ctx.agree("settings B" if ctx.rank == 1 else "settings A", "settings")
     except ConfigError as exc:

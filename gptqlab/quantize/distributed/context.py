@@ -17,7 +17,7 @@ Typical use in the layer-wise driver::
     owners = ctx.owners([(lin.out_features, lin.in_features) for lin in stage])
     acc = ctx.hessian(K, C)                                 # per Linear; acc.add(x) once per own chunk
     H = acc.reduce(owners[i], name)                         # [K, K] on the owner, None elsewhere
-    res = ctx.solve_on(owners[i], lambda: gptq(W, H, cfg), name)   # the same QuantResult on every rank
+    results = ctx.solve_stage(owners, solves, names)        # each rank runs its own solves; all get all
     everything = ctx.gather_inputs(my_outputs)              # rank 0: all samples in order; others: None
 """
 
@@ -337,36 +337,60 @@ class Distributed:
 
     def broadcast_result(self, result: QuantResult | None, owner: int, name: str = "") -> QuantResult:
         """The owner's QuantResult on every rank, bit for bit, on this rank's device. Others pass None."""
-        return self._share_result(result, None, owner, name)
-
-    def solve_on(self, owner: int, solve: Callable[[], QuantResult], name: str = "") -> QuantResult:
-        """Run ``solve`` on rank ``owner`` and return its QuantResult on every rank. If it raises, the owner
-        re-raises its exception and every other rank raises GptqlabError with the same message (or
-        RemoteError for an exception that is not a GptqlabError), so the run stops everywhere at once."""
-        if self.rank != owner:
-            return self._share_result(None, None, owner, name)
-        try:
-            result = solve()
-        except Exception as exc:
-            if self.world > 1:
-                self._share_result(None, exc, owner, name)
-            raise
-        return self._share_result(result, None, owner, name)
-
-    def _share_result(self, result: QuantResult | None, error: Exception | None, owner: int, name: str) -> QuantResult:
         if self.world == 1:
             return result
-        what = f"sharing the result of {name or 'a Linear'} (owner rank {owner})"
+        outcome = self._share_result(result, owner, name)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def solve_stage(
+        self, owners: Sequence[int], solves: Sequence[Callable[[], QuantResult]], names: Sequence[str] = ()
+    ) -> list[QuantResult]:
+        """Solve the Linears of a stage in parallel: each rank runs the ``solves`` it owns (``owners[i]``
+        runs ``solves[i]``, the others never call it), then every rank receives every result, bit for bit.
+
+        If a solve raises, the stage still completes its exchange, then every rank raises for the first
+        failed Linear in stage order: its owner re-raises the exception, the other ranks raise GptqlabError
+        with the same message (RemoteError when the exception is not a GptqlabError, i.e. a bug), so the
+        run stops everywhere with the same line.
+        """
+        names = list(names) or [f"Linear {i}" for i in range(len(solves))]
+        if not len(owners) == len(solves) == len(names):
+            raise ValueError(f"need one owner and one name per solve, got {len(owners)}, {len(solves)}, {len(names)}")
+        outcomes: list = [None] * len(solves)
+        for i, (owner, solve) in enumerate(zip(owners, solves, strict=True)):
+            if owner == self.rank:
+                try:
+                    outcomes[i] = solve()
+                except Exception as exc:
+                    if self.world == 1:
+                        raise
+                    outcomes[i] = exc
+        if self.world > 1:
+            outcomes = [self._share_result(o, owner, n) for o, owner, n in zip(outcomes, owners, names, strict=True)]
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes
+
+    def solve_on(self, owner: int, solve: Callable[[], QuantResult], name: str = "") -> QuantResult:
+        """:meth:`solve_stage` for a single Linear."""
+        return self.solve_stage([owner], [solve], [name or "a Linear"])[0]
+
+    def _share_result(self, outcome: QuantResult | Exception | None, owner: int, name: str) -> QuantResult | Exception:
+        """The owner's outcome (a QuantResult or the exception its solve raised) on every rank."""
+        what = f"sharing the result of {name} (owner rank {owner})"
         if self.rank == owner:
-            self.broadcast_tensors(_result_tensors(result, error), owner, what)
-            return result
+            self.broadcast_tensors(_result_tensors(outcome), owner, what)
+            return outcome
         meta, *rest = self.broadcast_tensors(None, owner, what)
         status, codes_dtype, loss, damp, no_loss, no_damp, no_q = meta.tolist()
         if status != _OK:
             message = bytes(rest[0].cpu().tolist()).decode()
             if status == _USER_ERROR:
-                raise GptqlabError(message)
-            raise RemoteError(f"rank {owner} failed while solving {name or 'a Linear'}: {message}")
+                return GptqlabError(message)
+            return RemoteError(f"rank {owner} failed while solving {name}: {message}")
         codes, scales, zeros, g_idx, *Q = (t.to(self.device) for t in rest)
         return QuantResult(
             codes.to(_DTYPES[int(codes_dtype)]),
@@ -379,14 +403,15 @@ class Distributed:
         )
 
 
-def _result_tensors(result: QuantResult | None, error: Exception | None) -> list[torch.Tensor]:
+def _result_tensors(outcome: QuantResult | Exception) -> list[torch.Tensor]:
     """A QuantResult (or the owner's exception) as tensors: a float64 meta row first."""
-    if error is not None:
+    if isinstance(outcome, Exception):
+        error = outcome
         status = _USER_ERROR if isinstance(error, GptqlabError) else _OTHER_ERROR
         text = str(error) if status == _USER_ERROR else f"{type(error).__name__}: {error}"
         meta = torch.tensor([status, 0, 0, 0, 1, 1, 1], dtype=torch.float64)
         return [meta, torch.tensor(list(text.encode()), dtype=torch.uint8)]
-    r = result
+    r = outcome
     codes = r.codes
     # Codes are < 2**bits <= 256: send them as bytes (a quarter of int32's traffic), restore the dtype after.
     if codes.numel() and int(codes.min()) >= 0 and int(codes.max()) < 256:
