@@ -1,6 +1,6 @@
 """The small Chinese models that ship inside gptqlab, and how a model name becomes a path.
 
-They are trained from scratch by ``python -m gptqlab.benchmarks.train_embedded`` and live in
+They are trained from scratch by ``python tools/train_embedded.py`` and live in
 ``gptqlab/models/<name>/`` (package data): safetensors weights, config, tokenizer, ``eval.json`` with
 their measured perplexities, and a model card.
 """
@@ -30,8 +30,8 @@ def resolve_model(name_or_path: str) -> str:
         folder = EMBEDDED_MODELS[name_or_path]
         if not (folder / "config.json").is_file():
             raise GptqlabError(
-                f"embedded model {name_or_path!r} is not built: run "
-                f"python -m gptqlab.benchmarks.train_embedded --model {name_or_path}"
+                f"embedded model {name_or_path!r} is not built: in a gptqlab source checkout, run "
+                f"python tools/train_embedded.py --model {name_or_path}"
             )
         return str(folder)
     return name_or_path

@@ -39,7 +39,7 @@ def test_local_directories_and_hub_ids_pass_through(tmp_path):
 
 def test_an_embedded_model_that_is_not_built_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setitem(EMBEDDED_MODELS, "tiny-zh-llama", tmp_path / "tiny-zh-llama")
-    with pytest.raises(GptqlabError, match="train_embedded --model tiny-zh-llama"):
+    with pytest.raises(GptqlabError, match=r"python tools/train_embedded\.py --model tiny-zh-llama"):
         resolve_model("tiny-zh-llama")
 
 

@@ -20,7 +20,7 @@ of its built-in corpora (never on held-out text):
    perplexity rise under 3-bit round-to-nearest (the quality bar: it must exceed 5 %) and under GPTQ.
    The model card ``README.md`` is written from those measurements; ``--measure-only`` redoes them.
 
-Usage: ``python -m gptqlab.benchmarks.train_embedded --model all``. Each model takes about
+Usage: ``python tools/train_embedded.py --model all``. Each model takes about
 ``--minutes`` of training, plus a few minutes of tokenizer training and measurement.
 """
 
@@ -447,7 +447,7 @@ def write_card(folder: Path, config, cfg: TrainConfig, info: dict, ev: dict) -> 
     table = "\n".join(f"| {k} | {v} |" for k, v in facts)
     text = f"""# {cfg.model}
 
-A small Chinese causal language model trained from scratch by `python -m gptqlab.benchmarks.train_embedded
+A small Chinese causal language model trained from scratch by `python tools/train_embedded.py
 --model {cfg.model}`, shipped with gptqlab so that quantizers can be compared where no pretrained model can be
 downloaded. It is a test subject, not a useful language model.
 
@@ -497,7 +497,7 @@ def write_index(root: Path) -> None:
     text = f"""# Embedded models
 
 Small Chinese models trained from scratch on the calibration splits of the built-in corpora by
-`python -m gptqlab.benchmarks.train_embedded`, so that quantizers can be compared offline. Load one by name:
+`python tools/train_embedded.py`, so that quantizers can be compared offline. Load one by name:
 `AutoModelForCausalLM.from_pretrained(gptqlab.embedded.resolve_model("tiny-zh-llama"))`.
 
 Held-out perplexity / bits per character at seqlen {EVAL_SEQLEN}; the last columns are the perplexity rise on
@@ -604,7 +604,7 @@ def describe(folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m gptqlab.benchmarks.train_embedded",
+        prog="python tools/train_embedded.py",
         description="Train gptqlab's embedded Chinese models on the built-in calibration text and write them, "
         "with their tokenizer, measurements and model card, to OUT/<name>/.",
     )
