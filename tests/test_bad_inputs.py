@@ -5,12 +5,15 @@ Exit codes: ``quantize`` exits 2 for bad input (its model, weights, calibration 
 on stderr) and 2 for a usage error (no such folder, custom code not allowed). ``gptqlab.load`` raises
 CheckpointError where ``verify`` exits 1 (tests/test_verify.py).
 
-"Nothing left behind": the working folder (models, calibration files, OUT's parent) lists exactly the same
-files before and after the command: no OUT, no OUT.partial, no hidden staging or probe folders.
+"Nothing left behind, no input changed": the working folder (models, calibration files, OUT's parent), the
+tiny model, the calibration file and the sound checkpoint hold exactly the same files with the same SHA-256
+before and after the command: no OUT, no OUT.partial, no lock, no hidden staging or probe folders.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -18,7 +21,7 @@ import shutil
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,7 @@ class Ctx:
     checkpoint: Path
     work: Path
     monkeypatch: pytest.MonkeyPatch
+    cleanup: list = field(default_factory=list)
 
     def small(self, *extra) -> list:
         return ["--nsamples", "8", "--seqlen", "64", "--group-size", "64", "-q", "--calib", f"txt:{self.calib}", *extra]
@@ -226,6 +230,91 @@ def _missing_layer(c: Ctx) -> Path:
     return ckpt
 
 
+# ---- issue 12: inputs never written, cross-checks before heavy work, safe names ----
+
+
+def _model_named(c: Ctx, name: str) -> Path:
+    return shutil.copytree(c.model, c.work / name)
+
+
+def _out_symlink_to_model(c: Ctx) -> list:
+    model = c.model_copy()
+    (c.work / "link").symlink_to(model, target_is_directory=True)
+    return ["quantize", model, c.work / "link", *c.small("--overwrite")]
+
+
+def _sharded(c: Ctx, duplicate: bool) -> Path:
+    """The tiny LLaMA in two shards with an index. ``duplicate``: shard 2 also holds a different tensor under
+    a name that the index maps to shard 1; else the index maps a tensor to the shard that lacks it."""
+    folder = c.model_copy()
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    first, second = names[: len(names) // 2], names[len(names) // 2 :]
+    shard2 = {k: state[k] for k in second}
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+    weight_map |= {k: "model-00002-of-00002.safetensors" for k in second}
+    victim = "model.layers.0.self_attn.q_proj.weight"
+    assert victim in first
+    if duplicate:
+        shard2[victim] = torch.zeros_like(state[victim])
+    else:
+        weight_map[victim] = "model-00002-of-00002.safetensors"
+    save_file({k: state[k] for k in first}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file(shard2, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def _small_vocab(state):
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in state:
+            state[k] = state[k][:256].clone()
+
+
+def _to_int8(name: str):
+    def edit(state):
+        state[name] = state[name].to(torch.int8)
+
+    return edit
+
+
+def _narrow_mlp(state):
+    """intermediate_size 240: 3-bit packing needs multiples of 32."""
+    for i in (0, 1):
+        for n in ("gate_proj", "up_proj"):
+            key = f"model.layers.{i}.mlp.{n}.weight"
+            state[key] = state[key][:240].clone()
+        key = f"model.layers.{i}.mlp.down_proj.weight"
+        state[key] = state[key][:, :240].clone()
+
+
+def _fifo(c: Ctx, name: str) -> Path:
+    path = c.work / name
+    os.mkfifo(path)
+    return path
+
+
+def _fifo_weights(c: Ctx) -> Path:
+    folder = c.model_copy()
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    return folder
+
+
+def _locked(c: Ctx) -> Path:
+    """Another run holds the lock on OUT (flock conflicts between two opens, even in one process)."""
+    path = c.work / ".o.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    c.cleanup.append(lambda: os.close(fd))
+    return c.model
+
+
+ESCAPES = "evil\x1b[2J\nOK all good"
+
+
 L1 = "model.layers.1"
 
 # (id, argv builder, exit code, message): the message must appear in the one-line error (exit 2) or among
@@ -399,6 +488,115 @@ BAD_INPUTS = [
         2,
         "unknown calibration source 'wiki'",
     ),
+    # -- issue 12: inputs are never written, with or without --overwrite
+    (
+        "OUT is the model folder (--overwrite)",
+        lambda c: ["quantize", (m := c.model_copy()), m, *c.small("--overwrite")],
+        2,
+        "is the model folder",
+    ),
+    (
+        "OUT inside the model folder",
+        lambda c: ["quantize", (m := c.model_copy()), m / "q", *c.small()],
+        2,
+        "lies inside the model folder",
+    ),
+    (
+        "OUT contains the model folder (--overwrite)",
+        lambda c: ["quantize", _model_named(c, "sub/model"), c.work / "sub", *c.small("--overwrite")],
+        2,
+        "contains the model folder",
+    ),
+    ("OUT is a symlink to the model folder (--overwrite)", _out_symlink_to_model, 2, "is the model folder"),
+    (
+        "OUT.partial would be the model folder",
+        lambda c: ["quantize", _model_named(c, "m.partial"), c.work / "m", *c.small()],
+        2,
+        "m.partial is the model folder",
+    ),
+    (
+        "OUT is the calibration file (--overwrite)",
+        lambda c: ["quantize", c.model, c.calib, *c.small("--overwrite")],
+        2,
+        "is calibration source txt:",
+    ),
+    # -- issue 12: the model cross-checked before any heavy work
+    (
+        "the same tensor name in two shards",
+        lambda c: c.quantize(_sharded(c, duplicate=True)),
+        2,
+        "tensor 'model.layers.0.self_attn.q_proj.weight' is stored twice, in model-00001-of-00002.safetensors "
+        "and in model-00002-of-00002.safetensors",
+    ),
+    (
+        "index maps a tensor to the wrong shard",
+        lambda c: c.quantize(_sharded(c, duplicate=False)),
+        2,
+        "maps tensor 'model.layers.0.self_attn.q_proj.weight' to model-00002-of-00002.safetensors, but it is in "
+        "model-00001-of-00002.safetensors",
+    ),
+    (
+        "config claims 100000 layers",
+        lambda c: c.quantize(c.model_copy(config=lambda cfg: cfg.update(num_hidden_layers=100_000))),
+        2,
+        "says the model has 100000 decoder layers (num_hidden_layers), but its weights hold 2",
+    ),
+    (
+        "tokenizer bigger than the embedding",
+        lambda c: c.quantize(c.model_copy(tensors=_small_vocab, config=lambda cfg: cfg.update(vocab_size=256))),
+        2,
+        "the tokenizer has 512 tokens, but the model's embedding has 256 rows",
+    ),
+    (
+        "int8 Linear weight",
+        lambda c: c.quantize(c.model_copy(tensors=_to_int8(f"{L1}.self_attn.o_proj.weight"))),
+        2,
+        f"tensor '{L1}.self_attn.o_proj.weight' is stored as torch.int8; gptqlab quantizes float16, bfloat16 or "
+        "float32 weights",
+    ),
+    (
+        "layer shape that 3-bit cannot pack",
+        lambda c: c.quantize(
+            c.model_copy(tensors=_narrow_mlp, config=lambda cfg: cfg.update(intermediate_size=240)), "--bits", "3"
+        ),
+        2,
+        "layer model.layers.0.mlp.gate_proj has 128 inputs and 240 outputs, but 3-bit packing needs both to be "
+        "multiples of 32",
+    ),
+    ("weights file is a FIFO", lambda c: c.quantize(_fifo_weights(c)), 2, "model.safetensors is a FIFO (named pipe)"),
+    # -- issue 12: calibration input
+    (
+        "calibration file is a FIFO",
+        lambda c: c.quantize(c.model, "--calib", f"txt:{_fifo(c, 'pipe.txt')}"),
+        2,
+        "pipe.txt is not a regular file (a FIFO, socket or device)",
+    ),
+    (
+        "unpaired surrogate in a JSONL record",
+        lambda c: c.quantize(c.model, "--calib", _belle(c, '{"instruction": "你\\ud800好", "output": "好"}\n')),
+        2,
+        "data.jsonl line 1: malformed Unicode: an unpaired surrogate \\ud800",
+    ),
+    (
+        "control characters in a calibration path",
+        lambda c: c.quantize(c.model, "--calib", f"txt:{c.work / ESCAPES}.txt"),
+        2,
+        "evil\\x1b[2J\\nOK all good.txt: no such file",
+    ),
+    # -- issue 12: OUT names the filesystem refuses, and a run in progress
+    (
+        "OUT name too long for the filesystem",
+        lambda c: ["quantize", c.model, c.work / ("o" * 250), *c.small()],
+        2,
+        "is too long: gptqlab also writes",
+    ),
+    ("OUT with a NUL character", lambda c: ["quantize", c.model, f"{c.work}/o\0x", *c.small()], 2, "contains a NUL"),
+    (
+        "OUT being written by another run",
+        lambda c: c.quantize(_locked(c)),
+        2,
+        "another gptqlab quantize is writing",
+    ),
     # -- flags
     ("bits 5", lambda c: c.quantize(c.model, "--bits", "5"), 2, "bits must be one of 2, 3, 4, 8, got 5"),
     ("group size not dividing", lambda c: c.quantize(c.model, "--group-size", "96"), 2, "does not divide"),
@@ -447,6 +645,21 @@ def listing(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
+def snapshot(*folders: Path) -> dict[str, str]:
+    """Path → SHA-256 (or the kind of entry) of everything under ``folders``: what "no input changed and
+    nothing left behind" compares."""
+    found = {}
+    for folder in folders:
+        for p in [folder, *folder.rglob("*")] if folder.is_dir() else [folder]:
+            if p.is_symlink():
+                found[str(p)] = f"link to {os.readlink(p)}"
+            elif p.is_file():
+                found[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                found[str(p)] = "folder" if p.is_dir() else "special"
+    return found
+
+
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
@@ -462,9 +675,29 @@ def checkpoint(tiny_models, calib_file, tmp_path_factory) -> Path:
     return out
 
 
-def test_the_table_is_big_enough():
-    assert len(BAD_INPUTS) >= 25
-    assert len({b[0] for b in BAD_INPUTS}) == len(BAD_INPUTS)
+# Each class of bad input that issue 12 lists, and the rows of the table that cover it.
+ISSUE_12_CLASSES = {
+    "input modified": ["OUT is the model folder (--overwrite)", "OUT is the calibration file (--overwrite)"],
+    "duplicate tensors across shards": ["the same tensor name in two shards"],
+    "config vs weights before the skeleton": ["config claims 100000 layers"],
+    "tokenizer vs embedding": ["tokenizer bigger than the embedding"],
+    "dtypes the quantizer cannot take": ["int8 Linear weight"],
+    "shapes that cannot be packed": ["layer shape that 3-bit cannot pack"],
+    "malformed Unicode": ["unpaired surrogate in a JSONL record"],
+    "names the filesystem refuses": ["OUT name too long for the filesystem", "OUT with a NUL character"],
+    "concurrent runs": ["OUT being written by another run"],
+    "control characters echoed": ["control characters in a calibration path"],
+    "non-regular files": ["weights file is a FIFO", "calibration file is a FIFO"],
+}
+
+
+def test_the_table_covers_every_class_of_issue_12():
+    ids = [b[0] for b in BAD_INPUTS]
+    assert len(set(ids)) == len(ids), "two rows share an id"
+    missing = {cls: [r for r in rows if r not in ids] for cls, rows in ISSUE_12_CLASSES.items()}
+    assert {cls: rows for cls, rows in missing.items() if rows} == {}
+    # A row's message must say something specific, so that it cannot match any error.
+    assert [b[0] for b in BAD_INPUTS if len(b[3]) < 12] == []
 
 
 @pytest.mark.parametrize(("what", "argv", "code", "message"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
@@ -474,18 +707,24 @@ def test_bad_input(tiny_models, calib_file, checkpoint, tmp_path, monkeypatch, c
     work = tmp_path / "work"
     work.mkdir()
     ctx = Ctx(tiny_models["llama"], calib_file, checkpoint, work, monkeypatch)
-    args = argv(ctx)
-    before = listing(work)
-    assert run_cli(args) == code
+    try:
+        args = argv(ctx)
+        inputs = (work, tiny_models["llama"], calib_file, checkpoint)
+        before = snapshot(*inputs)
+        assert run_cli(args) == code
+        after = snapshot(*inputs)
+    finally:
+        for undo in ctx.cleanup:
+            undo()
     out, err = capsys.readouterr()
     err = err.strip()
-    assert "Traceback" not in err and "\n" not in err, err
+    assert "Traceback" not in err and "\n" not in err and "\x1b" not in err, err
     if code == 2:
         assert err.startswith("gptqlab: error: ") and message in err, err
     else:
         assert err == f"gptqlab: {args[1]} is not sound: {len(out.splitlines())} problem(s)"
         assert any(message in line for line in out.splitlines()), out
-    assert listing(work) == before
+    assert after == before
     assert not (work / MARKER).exists()
 
 

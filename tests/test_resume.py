@@ -288,3 +288,130 @@ def test_damaged_progress_is_refused_and_kept(deep_model, args, interrupted, tmp
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert listing(partial) == kept and not out.exists()
+
+
+# ---- issue 12: checksums on progress, strays, verify before publishing, --overwrite keeps the old OUT ----
+
+
+def _flip(path: Path, where: float) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            "flip a byte in block 0's data",
+            "block-00000.safetensors is damaged: its SHA-256 differs from the one recorded",
+        ),
+        ("truncate block 1", "block-00001.safetensors is damaged: its SHA-256 differs"),
+        ("flip a byte in the state's tensors", "state.safetensors is damaged (ValueError: its checksum does not match"),
+        ("edit the state's reports", "state.safetensors is damaged (ValueError: its checksum does not match"),
+    ],
+)
+def test_damaged_block_or_state_is_refused_in_one_line(
+    deep_model, args, interrupted, tmp_path, capsys, damage, message
+):
+    out = copy_of(interrupted, tmp_path)
+    partial = partial_dir(out)
+    if damage.startswith("flip a byte in block"):
+        _flip(partial / "blocks" / "block-00000.safetensors", 0.9)
+    elif damage.startswith("truncate"):
+        block = partial / "blocks" / "block-00001.safetensors"
+        block.write_bytes(block.read_bytes()[:-64])
+    elif damage.startswith("flip a byte in the state"):
+        _flip(partial / "state.safetensors", 0.95)
+    else:
+        state = partial / "state.safetensors"
+        data = state.read_bytes()
+        assert data.count(b'\\"loss\\": ') >= 1
+        state.write_bytes(data.replace(b'\\"loss\\": ', b'\\"loss\\":-', 1))
+    kept = {p: (partial / p).read_bytes() for p in listing(partial) if (partial / p).is_file()}
+    assert run_cli(["quantize", deep_model, out, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptqlab: error: ") and "\n" not in err and message in err, err
+    assert "pass --no-resume to delete it and start over" in err
+    assert not out.exists()
+    assert {p: (partial / p).read_bytes() for p in listing(partial) if (partial / p).is_file()} == kept
+
+
+def test_stray_files_in_progress_are_ignored_and_named(deep_model, args, reference, interrupted, tmp_path, caplog):
+    out = copy_of(interrupted, tmp_path)
+    partial = partial_dir(out)
+    (partial / "notes.txt").write_text("mine")
+    (partial / "blocks" / "block-abc.safetensors").write_bytes(b"not a block")
+    (partial / "blocks" / "extra").mkdir()
+    assert run_cli(["quantize", deep_model, out, *args]) == 0
+    assert "ignoring files that gptqlab did not write: blocks/block-abc.safetensors, notes.txt" in caplog.text
+    assert_identical(out, reference)
+
+
+def test_a_checkpoint_that_fails_verify_is_not_published(deep_model, args, interrupted, tmp_path, monkeypatch, capsys):
+    """Damage between assembly and publishing (here: a negative scale written into the shard before the
+    manifest) is caught by verify's checks; OUT is not created and the finished blocks are kept."""
+    from safetensors.torch import load_file, save_file
+
+    import gptqlab.quantize.run
+
+    out = copy_of(interrupted, tmp_path)
+    real = gptqlab.quantize.run.write_shards
+
+    def damaged_shards(folder, tensors, max_shard_bytes):
+        names = real(folder, tensors, max_shard_bytes)
+        state = load_file(folder / "model.safetensors")
+        state["model.layers.3.mlp.up_proj.scales"][0, 0] = -1.0
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return names
+
+    monkeypatch.setattr(gptqlab.quantize.run, "write_shards", damaged_shards)
+    assert run_cli(["quantize", deep_model, out, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the assembled checkpoint fails verify: model.safetensors: " in err, err
+    assert "model.layers.3.mlp.up_proj.scales: 1 of" in err and "nothing was published" in err
+    assert not out.exists() and next_block(out) == LAYERS
+
+    monkeypatch.undo()
+    assert run_cli(["quantize", deep_model, out, *args]) == 0  # the rerun assembles it again from the blocks
+
+
+def test_a_block_changed_on_disk_during_the_run_is_not_published(deep_model, args, interrupted, tmp_path, capsys):
+    import gptqlab.quantize.progress
+
+    out = copy_of(interrupted, tmp_path)
+    real_save = gptqlab.quantize.progress.save_atomic
+
+    def damage_block_2_after_block_3(tensors, path, metadata=None):
+        real_save(tensors, path, metadata)
+        if path.name == "block-00003.safetensors":
+            _flip(path.parent / "block-00002.safetensors", 0.8)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqlab.quantize.progress, "save_atomic", damage_block_2_after_block_3)
+        assert run_cli(["quantize", deep_model, out, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "block-00002.safetensors changed on disk after it was written; nothing was published" in err, err
+    assert not out.exists()
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_complete(deep_model, args, reference, tmp_path):
+    import gptqlab.quantize.progress
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = {p: (out / p).read_bytes() for p in listing(out)}
+    real_save = gptqlab.quantize.progress.save_atomic
+
+    def interrupt_at_block_2(tensors, path, metadata=None):
+        if path.name == "block-00002.safetensors":
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqlab.quantize.progress, "save_atomic", interrupt_at_block_2)
+        assert run_cli(["quantize", deep_model, out, *args, "--bits", "3", "--overwrite"]) == 130
+    assert {p: (out / p).read_bytes() for p in listing(out)} == before
+    assert run_cli(["quantize", deep_model, out, *args, "--bits", "3", "--overwrite"]) == 0
+    assert json.loads((out / "quantize_config.json").read_text())["bits"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

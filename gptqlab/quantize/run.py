@@ -115,7 +115,7 @@ def _check_inputs_untouched(out: Path, inputs: list[tuple[str, Path]]) -> None:
                 relation = "lies inside"
             else:
                 continue
-            name = "OUT" if written == out else f"OUT's work path {written.name}"
+            name = "OUT" if written == out else "gptqlab's work path"
             raise GptqlabError(
                 f"{name} {written} {relation} {what} ({path}); gptqlab never writes into or over its inputs: "
                 "choose an OUT elsewhere"
@@ -123,16 +123,7 @@ def _check_inputs_untouched(out: Path, inputs: list[tuple[str, Path]]) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise GptqlabError(f"output {out} already exists; pass --overwrite to replace it")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise GptqlabError(f"cannot create output {out}: folder {parent} does not exist")
-    if not parent.is_dir():
-        raise GptqlabError(f"cannot create output {out}: {parent} is a file, not a folder")
-    partial = partial_dir(out)
-    if partial.exists() and not partial.is_dir():
-        raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -140,9 +131,18 @@ def _check_out(out: Path, overwrite: bool) -> None:
     longest = max(len(os.fsencode(p.name)) for p in _written_paths(out))
     if longest > name_max:
         raise GptqlabError(
-            f"output name {out.name!r} is too long: gptqlab also writes {partial.name!r} beside it, and file "
-            f"names here hold at most {name_max} bytes; choose a shorter OUT"
+            f"output name {out.name!r} is too long: gptqlab also writes {partial_dir(out).name!r} beside it, and "
+            f"file names here hold at most {name_max} bytes; choose a shorter OUT"
         )
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise GptqlabError(f"output {out} already exists; pass --overwrite to replace it")
+    if not parent.exists():
+        raise GptqlabError(f"cannot create output {out}: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise GptqlabError(f"cannot create output {out}: {parent} is a file, not a folder")
+    partial = partial_dir(out)
+    if partial.exists() and not partial.is_dir():
+        raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
     # os.access says yes to root even on a read-only mount, so try for real.
     try:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
