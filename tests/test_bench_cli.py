@@ -52,7 +52,7 @@ def test_eval_ppl_fp16_and_quantized(tiny_models, quantized_llama, tmp_path):
     from gptqlab.evaluate import perplexity
 
     fp16_json, q_json = tmp_path / "fp16.json", tmp_path / "q.json"
-    common = ["--seqlen", "64", "--max-chars", "1500", "-q"]
+    common = ["--seqlen", "64", "--max-chars", "1500", "--head", "-q"]
     both = "peoples-daily-heldout,reviews-heldout"
     assert run_cli(["eval", "ppl", tiny_models["llama"], "-d", both, *common, "--json", fp16_json]) == 0
     assert run_cli(["eval", "ppl", quantized_llama, "-d", "peoples-daily-heldout", *common, "--json", q_json]) == 0

@@ -130,3 +130,36 @@ def test_bad_arguments_raise_one_line_errors(model, kwargs, message):
     with pytest.raises(GptqlabError, match=message) as err:
         perplexity(model, ByteTokenizer(bos=False), **args)
     assert "\n" not in str(err.value)
+
+
+def test_spread_takes_whole_lines_from_across_the_text():
+    from gptqlab.evaluate import spread
+
+    lines = [f"{i:04d}" + "x" * 95 for i in range(100)]  # 100 lines of 100 characters (99 + newline)
+    text = "\n".join(lines)
+    assert spread(text, len(text)) == text
+    out = spread(text, 2000, pieces=4)
+    got = [line for line in out.split("\n") if line]
+    assert got == [lines[i] for q in (0, 25, 50, 75) for i in range(q, q + 5)]  # whole lines from each quarter
+
+
+def test_threads_default_to_one_for_small_models_on_the_cpu():
+    from gptqlab.evaluate import SMALL_MODEL_PARAMS, default_threads
+
+    assert default_threads(torch.device("cpu"), 5_000_000) == 1
+    assert default_threads(torch.device("cpu"), SMALL_MODEL_PARAMS) is None
+    assert default_threads(torch.device("cuda"), 5_000_000) is None
+
+
+def test_evaluate_scores_the_embedded_model_and_restores_threads():
+    from gptqlab.evaluate import evaluate
+
+    before = torch.get_num_threads()
+    rows, device, threads = evaluate("tiny-zh-llama", ["reviews-heldout"], seqlen=128, max_chars=3000, progress=False)
+    assert torch.get_num_threads() == before and threads == 1 and device.type == "cpu"
+    (row,) = rows
+    assert row["model"] == "tiny-zh-llama" and row["dataset"] == "reviews-heldout"
+    assert 2990 <= row["chars"] <= 3010 and row["tokens"] > 1000
+    assert 100 < row["ppl"] < 2000  # the card's held-out perplexity is 467.9
+    with pytest.raises(GptqlabError, match="--threads must be positive"):
+        evaluate("tiny-zh-llama", threads=0)

@@ -29,8 +29,14 @@ def ppl(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     max_chars: int = typer.Option(
         40_000,
-        help="Score the first N characters of each text (about 28,000 tokens of the embedded models' "
-        "tokenizer; the held-out splits hold 181,151 and 136,123). Give a larger N to score more.",
+        help="Score N characters of each text (about 28,000 tokens of the embedded models' tokenizer; the "
+        "held-out splits hold 181,151 and 136,123). Give a larger N to score more.",
+    ),
+    spread: bool = typer.Option(
+        True,
+        "--spread/--head",
+        help="Take the N characters as 8 runs of whole lines spread over the text, or as its first N "
+        "(a prefix can misrepresent a sorted text such as the reviews).",
     ),
     batch_size: int = typer.Option(
         None, help="Windows per forward pass; changes speed, not the result. Default: 8 on CUDA, 1 on the CPU."
@@ -59,6 +65,7 @@ def ppl(
         stride=stride,
         device=device,
         max_chars=max_chars,
+        spread_out=spread,
         batch_size=batch_size,
         threads=threads,
         progress=not quiet,
