@@ -1,9 +1,11 @@
-"""Fuzzing with hypothesis: the quantization-config parser, the calibration readers, and the checkpoint
-loader and ``verify`` on mutated real files. Whatever the input, nothing may raise anything but the
-documented error (a GptqlabError subclass), and a damaged checkpoint is never passed as sound.
+"""Fuzzing with hypothesis: the quantization-config parser, the calibration readers, the checkpoint
+loader and ``verify`` on mutated real files, and ``gptqlab quantize`` resuming from a mutated ``OUT.partial``.
+Whatever the input, nothing may raise anything but the documented error (a GptqlabError subclass), a damaged
+checkpoint is never passed as sound, and a resumed run either refuses in one line or writes exactly the
+checkpoint of an uninterrupted run.
 
-The CI run draws a fixed, derandomized set of about 500 examples (under a minute). For a longer random
-run, scale every test's example count, e.g.::
+The CI run draws a fixed, derandomized set of about 500 examples, 9 of them resumed quantize runs (about a
+minute in all). For a longer random run, scale every test's example count, e.g.::
 
     GPTQLAB_FUZZ_SCALE=20 pytest tests/test_fuzz.py -p no:cacheprovider
 """
@@ -18,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gptqlab
@@ -125,9 +128,17 @@ def test_read_quant_config(name, data):
         (Path(tmp) / name).write_bytes(data)
         try:
             qc = read_quant_config(tmp)
-        except CheckpointError:
+        except CheckpointError as exc:
+            assert "\n" not in str(exc)
             return
-    assert qc is None or type(qc.bits) is int
+    if qc is None:
+        # "Unquantized" only for a config.json that is a JSON object without a quantization_config.
+        assert name == "config.json"
+        parsed = json.loads(data.decode("utf-8"))
+        assert isinstance(parsed, dict) and parsed.get("quantization_config") is None
+    else:
+        assert type(qc.bits) is int and qc.bits in SUPPORTED_BITS
+        assert qc.checkpoint_format in CHECKPOINT_FORMATS
 
 
 # ---- 2. the calibration readers ----
@@ -227,3 +238,143 @@ def test_mutated_checkpoint(checkpoint, mutation):
             loaded = False
         assert loaded or cheap.problems, "load refused a checkpoint whose cheap checks found nothing"
         assert not loaded or not cheap.problems, "load accepted a checkpoint with problems"
+
+
+# ---- 4. gptqlab quantize resuming from a mutated OUT.partial ----
+
+PROGRESS_ARGS = ["--nsamples", "4", "--seqlen", "32", "--group-size", "32", "-q"]
+PROGRESS_FILES = ("run.json", "state.safetensors", "blocks/block-00000.safetensors")
+# What a user, another program or a crash may leave in the progress folder.
+STRAYS = (
+    "notes.txt",
+    "blocks/block-00001.safetensors",
+    "blocks/block-x.safetensors",
+    "blocks/rest.safetensors",
+    "final",
+    "final/model.safetensors",
+    "state.safetensors.tmp",
+)
+
+
+@pytest.fixture(scope="module")
+def progress(tiny_models, tmp_path_factory) -> dict:
+    """An OUT.partial interrupted after block 0 of the 2-block tiny LLaMA, and an uninterrupted reference."""
+    from testkit import run_cli
+
+    import gptqlab.quantize.progress
+    from gptqlab.quantize.progress import partial_dir
+
+    root = tmp_path_factory.mktemp("progress")
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(builtin_texts("peoples-daily")[:20]), encoding="utf-8")
+    args = [*PROGRESS_ARGS, "--calib", f"txt:{calib}"]
+    model = tiny_models["llama"]
+    assert run_cli(["quantize", model, root / "reference", *args]) == 0
+    real_save = gptqlab.quantize.progress.save_atomic
+
+    def interrupt_at_block_1(tensors, path, metadata=None):
+        if path.name == "block-00001.safetensors":
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gptqlab.quantize.progress, "save_atomic", interrupt_at_block_1)
+        assert run_cli(["quantize", model, root / "interrupted", *args]) == 130
+    return {"model": model, "args": args, "partial": partial_dir(root / "interrupted"), "reference": root / "reference"}
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    from safetensors.torch import load_file
+
+    return {
+        k: t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        for k, t in load_file(folder / "model.safetensors").items()
+    }
+
+
+progress_mutations = st.one_of(
+    st.tuples(
+        st.just("damage"),
+        st.sampled_from(PROGRESS_FILES),
+        st.sampled_from(["flip", "truncate", "set"]),
+        st.floats(0, 1, exclude_max=True),
+        st.integers(1, 255),
+    ),
+    st.tuples(st.just("stray"), st.sampled_from(STRAYS), st.sampled_from(["file", "folder"]), st.just(0.0), st.just(0)),
+    st.tuples(st.just("delete"), st.sampled_from(PROGRESS_FILES), st.just(""), st.just(0.0), st.just(0)),
+)
+
+
+def _mutate_progress(partial: Path, mutation) -> None:
+    kind, name, op, where, byte = mutation
+    path = partial / name
+    if kind == "delete":
+        path.unlink()
+    elif kind == "stray":
+        if path.exists():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if op == "folder":
+            (path / "inner").mkdir(parents=True)
+        else:
+            path.write_bytes(b"not written by gptqlab")
+    else:
+        data = bytearray(path.read_bytes())
+        pos = min(int(where * len(data)), len(data) - 1)
+        if op == "flip":
+            data[pos] ^= byte
+        elif op == "set":
+            data[pos] = byte
+        else:
+            del data[pos:]
+        path.write_bytes(bytes(data))
+
+
+@budget(6)
+@given(mutation=progress_mutations)
+@example(mutation=("damage", "blocks/block-00000.safetensors", "flip", 0.7, 1))
+@example(mutation=("damage", "state.safetensors", "truncate", 0.5, 0))
+@example(mutation=("stray", "blocks/rest.safetensors", "folder", 0.0, 0))
+def test_resume_from_a_mutated_progress_folder(progress, mutation):
+    import sys
+
+    from gptqlab.quantize.progress import partial_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        shutil.copytree(progress["partial"], partial_dir(out))
+        _mutate_progress(partial_dir(out), mutation)
+        err = []
+        real_stderr = sys.stderr
+        sys.stderr = _Capture(err)
+        try:
+            try:
+                main(["quantize", str(progress["model"]), str(out), *progress["args"]])
+                code = 0
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+        finally:
+            sys.stderr = real_stderr
+        text = "".join(err).strip()
+        assert code in (0, 2), (code, text)
+        if code == 2:
+            assert text.startswith("gptqlab: error: ") and "\n" not in text, text
+            assert not out.exists()
+        else:
+            assert _tensors(out) == _tensors(progress["reference"]), "a resumed run wrote other tensors"
+            assert verify(out).sound
+            assert not partial_dir(out).exists()
+
+
+class _Capture:
+    """A stand-in for sys.stderr that keeps what is written (capsys does not mix with hypothesis)."""
+
+    def __init__(self, sink: list):
+        self.sink = sink
+
+    def write(self, text: str) -> int:
+        self.sink.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

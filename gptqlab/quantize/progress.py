@@ -261,13 +261,15 @@ class PartialRun:
     def start(self, record: dict) -> None:
         """Create the folder for a fresh run, or clear what a killed run left beyond its last finished block."""
         if self.run_file.is_file():
-            shutil.rmtree(self.folder / "final", ignore_errors=True)
-            for p in [*self.folder.glob("*.tmp"), *self.blocks.glob("*.tmp"), self.blocks / "rest.safetensors"]:
-                p.unlink(missing_ok=True)
-            for p in self.blocks.glob("block-*.safetensors"):
-                number = _BLOCK_FILE.fullmatch(p.name)
-                if number and int(number.group(1)) >= self.finished and p.is_file():
-                    p.unlink()
+            later = [
+                p
+                for p in self.blocks.glob("block-*.safetensors")
+                if (number := _BLOCK_FILE.fullmatch(p.name)) and int(number.group(1)) >= self.finished
+            ]
+            temporary = [*self.folder.glob("*.tmp"), *self.blocks.glob("*.tmp")]
+            for p in [self.folder / "final", self.blocks / "rest.safetensors", *temporary, *later]:
+                _remove(p)
+            self.blocks.mkdir(exist_ok=True)
             return
         shutil.rmtree(self.folder, ignore_errors=True)
         self.blocks.mkdir(parents=True)
@@ -290,6 +292,14 @@ class PartialRun:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder that a killed run (or someone else) left where gptqlab writes next."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_error(exc: OSError, run: PartialRun) -> GptqlabError:
