@@ -4,8 +4,9 @@ Every bit width uses one rule: a run of 32 codes becomes ``bits`` consecutive in
 little-endian bit stream. Code ``j`` of the run occupies stream bits ``[bits*j, bits*j + bits)``. For 2, 4
 and 8 bits no code crosses a word, so word ``r`` holds codes ``r*(32//bits) + j`` at bit offset ``bits*j``
 with the lowest index in the least significant bits. For 3 bits, codes 10 and 21 straddle word
-boundaries. This is the AutoGPTQ/GPTQModel layout for ``qweight`` (packed along the input dimension,
-dim 0 of the ``[K, N]`` code matrix) and for ``qzeros`` (packed along the output dimension, dim 1).
+boundaries. This is the AutoGPTQ/GPTQModel layout (docs/FORMAT.md, "Packing") for ``qweight`` (packed
+along the input dimension, dim 0 of the ``[K, N]`` code matrix) and for ``qzeros`` (packed along the output
+dimension, dim 1).
 
 Each layout has exactly one pack/unpack pair, and ``unpack(pack(x)) == x`` holds bit for bit.
 """

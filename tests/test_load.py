@@ -1,4 +1,4 @@
-"""``gptqlab.load`` on every checkpoint kind of FORMAT.md, on CPU (torch backend).
+"""``gptqlab.load`` on every checkpoint kind of docs/FORMAT.md, on CPU (torch backend).
 
 Kinds: gptqlab's own (v1 and v2, act-order, 8-bit), GPTQModel's v1 output (act-order), and a legacy
 AutoGPTQ layout (``gptq_model-4bit-64g.safetensors``, ``is_marlin_format``, zero biases, no ``sym``).

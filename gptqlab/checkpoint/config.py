@@ -1,7 +1,7 @@
 """Reading the quantization config of a GPTQ checkpoint, in every variant the ecosystem writes.
 
 Readers look in ``quantize_config.json``, then ``quant_config.json``, then ``config.json`` →
-``quantization_config`` (FORMAT.md). Key spellings differ between writers: ``checkpoint_format``
+``quantization_config`` (docs/FORMAT.md). Key spellings differ between writers: ``checkpoint_format``
 (AutoGPTQ, GPTQModel) or ``format`` (optimum); ``sym`` may be missing (meaning True); legacy AutoGPTQ files
 carry ``is_marlin_format`` and ``model_file_base_name``.
 """

@@ -1,4 +1,4 @@
-"""The GPTQ checkpoint layout (shared FORMAT.md): QuantResult ⇄ file tensors, and the config dict.
+"""The GPTQ checkpoint layout (docs/FORMAT.md): QuantResult ⇄ file tensors, and the config dict.
 
 Per quantized Linear, with K = in_features, N = out_features, G = K / group_size:
 

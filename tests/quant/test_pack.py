@@ -26,7 +26,7 @@ def test_layout_lowest_index_in_lowest_bits():
 
 
 def test_symmetric_zero_points_pack_to_known_words():
-    # v2 stores z = 8 for symmetric 4-bit; v1 stores z - 1 = 7 (FORMAT.md).
+    # v2 stores z = 8 for symmetric 4-bit; v1 stores z - 1 = 7 (docs/FORMAT.md).
     assert pack_cols(torch.full((1, 8), 8), 4).item() & 0xFFFFFFFF == 0x88888888
     assert pack_cols(torch.full((1, 8), 7), 4).item() == 0x77777777
     assert pack_cols(torch.full((1, 4), 127), 8).item() == 0x7F7F7F7F
