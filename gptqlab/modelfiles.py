@@ -72,8 +72,9 @@ _FILE_KINDS = {
 
 
 def require_regular_file(path: str | Path, what: str = "file") -> None:
-    """Raise GptqlabError unless ``path`` is a regular file (symlinks followed); missing paths pass, so that
-    the caller's own "no such file" message stays. Reading a FIFO or a device would block or never end."""
+    """Raise CheckpointError unless ``path`` is a regular file or a folder (symlinks followed); missing paths
+    pass, so that the caller's own "no such file" message stays. Reading a FIFO or a device would block or
+    never end."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):  # missing, unreadable or a NUL in the name: the caller's open() says which
@@ -81,7 +82,7 @@ def require_regular_file(path: str | Path, what: str = "file") -> None:
     if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
         return
     kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-    raise GptqlabError(f"{printable(path)} is {kind}; gptqlab reads {what}s only from regular files")
+    raise CheckpointError(f"{printable(path)} is {kind}; gptqlab reads {what}s only from regular files")
 
 
 def require_regular_files(folder: Path) -> None:
