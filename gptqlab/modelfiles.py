@@ -420,6 +420,11 @@ def check_layer_count(config, keys: Iterable[str], folder: Path) -> None:
     built from it: a skeleton of a million blocks costs memory even with meta parameters."""
     claimed = getattr(config, "num_hidden_layers", None)
     stored = stored_block_count(keys)
+    if isinstance(claimed, int) and claimed > 0 and stored is None:
+        raise CheckpointError(
+            f"{folder / 'config.json'} says the model has {claimed} decoder layers (num_hidden_layers), but no "
+            "tensor name in its weights has a layer number (layers.N, h.N or blocks.N)"
+        )
     if isinstance(claimed, int) and stored is not None and claimed != stored:
         raise CheckpointError(
             f"{folder / 'config.json'} says the model has {claimed} decoder layers (num_hidden_layers), but its "

@@ -37,9 +37,9 @@ def resolve_model_dir(model: str) -> Path:
     resolved = resolve_model(model)
     path = Path(resolved)
     if path.is_dir():
+        require_regular_files(path)
         if not (path / "config.json").is_file():
             raise GptqlabError(f"model folder {path} has no config.json")
-        require_regular_files(path)
         return path
     if path.exists():
         raise GptqlabError(f"model path {model} is a file; give the folder that holds config.json and the weights")

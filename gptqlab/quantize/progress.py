@@ -14,7 +14,9 @@ Checksums. A resumed run checks the state's own checksum and every block file ag
 when it was written, so damage on disk (a flipped byte, a truncated file) is refused with a one-line error
 instead of being carried into the checkpoint; the assembled checkpoint is checked again, as ``gptqlab
 verify`` does, before it is renamed to OUT. Files in ``OUT.partial`` that gptqlab does not write are
-ignored (a warning names them) and deleted with the folder.
+ignored (a warning names them) and deleted with the folder. Cost: one SHA-256 pass per block over the block
+file and over the state (nsamples x seqlen x hidden_size x 4 bytes, 4.3 GB for LLaMA-7B at 128 x 2048),
+at 0.4-2 GB/s; writing the state to disk takes about as long.
 
 Each file is written to ``*.tmp`` and renamed into place, and a block file is written before the state
 that points past it, so a run killed at any moment (SIGKILL included) leaves a consistent folder. The block
@@ -88,7 +90,8 @@ def state_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(f"{key} {t.dtype} {tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # a view: no copy of the block's inputs
     return h.hexdigest()
 
 
