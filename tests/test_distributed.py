@@ -350,6 +350,7 @@ def test_ranks_agree_with_one_process(tmp_path, world):
         expected = result_fields(one_thread(lambda i=i, H=H: gptq(weight(i), H, QCFG)))
         for s in seen:
             assert_same_result(s["result"][i], expected)
+            assert tuple(s["solved_by"][i]) == (owners[i], True)  # the owner, with the seconds it took
     shared = one_thread(lambda: single_hessian(16, C))
     for r, s in enumerate(seen):
         if r in (0, world - 1):
@@ -436,7 +437,9 @@ def _scenario_agree(ctx: Distributed, out: Path) -> None:
             acc.add(chunk_inputs(c, K))
         saved["H"].append(acc.reduce(owners[i], names[i]))
     solves = [lambda i=i: gptq(weight(i), saved["H"][i], QCFG) for i in range(len(SHAPES))]
-    saved["result"] = [result_fields(r) for r in ctx.solve_stage(owners, solves, names)]
+    solved = ctx.solve_stage(owners, solves, names)
+    saved["result"] = [result_fields(s.result) for s in solved]
+    saved["solved_by"] = [(s.rank, s.seconds > 0) for s in solved]
     # One Hessian for two owners (Linears that share their input), the last rank combining it.
     acc = ctx.hessian(16, C)
     for c in mine:

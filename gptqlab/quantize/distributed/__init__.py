@@ -12,6 +12,7 @@ from gptqlab.quantize.distributed.context import (
     HessianSum,
     RankFailure,
     RemoteError,
+    Solved,
     assign_owners,
 )
 from gptqlab.quantize.distributed.tree import PairwiseSum, chunk_ranges, cover, rank_chunks, root_level
@@ -23,6 +24,7 @@ __all__ = [
     "PairwiseSum",
     "RankFailure",
     "RemoteError",
+    "Solved",
     "assign_owners",
     "chunk_ranges",
     "cover",

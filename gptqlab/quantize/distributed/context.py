@@ -16,7 +16,7 @@ Typical use in the layer-wise driver::
     mine = ctx.my_chunks(C)                                 # this rank's chunks, run through each block
     owners = ctx.owners([(lin.out_features, lin.in_features) for lin in stage])
     acc = ctx.hessian(K, C)                                 # per Linear; acc.add(x) once per own chunk
-    H = acc.reduce(owners[i], name)                         # [K, K] on the owner, None elsewhere
+    H = acc.reduce(owners[i], name)                         # [K, K] on the owner(s), None elsewhere
     results = ctx.solve_stage(owners, solves, names)        # each rank runs its own solves; all get all
     everything = ctx.gather_inputs(my_outputs)              # rank 0: all samples in order; others: None
 """
@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -59,7 +61,8 @@ _OK, _USER_ERROR, _OTHER_ERROR = 0, 1, 2
 
 class RankFailure(RuntimeError):
     """Another rank died or stopped answering. ``rank`` is the rank at the other end of the transfer that
-    failed (the first one to fail when several did), ``what`` what was being transferred.
+    failed, ``what`` what was being transferred. When one rank dies, the ranks waiting on it name it; ranks
+    waiting on those ranks then name them in turn, so the first RankFailure in the logs names the cause.
 
     Not a :class:`GptqlabError`: the input is fine, so the finished blocks stay resumable."""
 
@@ -79,14 +82,12 @@ def assign_owners(shapes: Sequence[tuple[int, int]], world: int) -> list[int]:
     Balances the GPTQ cost, about K³ (inverting H) + N·K² (the column updates): the costliest Linear goes
     first to the least loaded rank, ties to the lower index and rank, so every rank computes the same list.
     """
+    cost = [k * k * (k + n) for n, k in shapes]
     load = [0] * world
     owner = [0] * len(shapes)
-    order = sorted(range(len(shapes)), key=lambda i: (-(shapes[i][1] ** 2) * (shapes[i][1] + shapes[i][0]), i))
-    for i in order:
-        r = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = r
-        n, k = shapes[i]
-        load[r] += k * k * (k + n)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += cost[i]
     return owner
 
 
@@ -97,7 +98,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"environment variable {name}={printable(value)!s} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={printable(value)} is not an integer") from None
 
 
 def _reason(exc: BaseException, timeout: float) -> str:
@@ -339,16 +340,14 @@ class Distributed:
         """The owner's QuantResult on every rank, bit for bit, on this rank's device. Others pass None."""
         if self.world == 1:
             return result
-        outcome = self._share_result(result, owner, name)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return self._share_result(Solved(result, 0.0, owner) if self.rank == owner else None, owner, name).result
 
     def solve_stage(
         self, owners: Sequence[int], solves: Sequence[Callable[[], QuantResult]], names: Sequence[str] = ()
-    ) -> list[QuantResult]:
+    ) -> list[Solved]:
         """Solve the Linears of a stage in parallel: each rank runs the ``solves`` it owns (``owners[i]``
-        runs ``solves[i]``, the others never call it), then every rank receives every result, bit for bit.
+        runs ``solves[i]``, the others never call it), then every rank receives every result, bit for bit,
+        with the seconds its solve took on its owner.
 
         If a solve raises, the stage still completes its exchange, then every rank raises for the first
         failed Linear in stage order: its owner re-raises the exception, the other ranks raise GptqlabError
@@ -361,8 +360,9 @@ class Distributed:
         outcomes: list = [None] * len(solves)
         for i, (owner, solve) in enumerate(zip(owners, solves, strict=True)):
             if owner == self.rank:
+                start = time.perf_counter()
                 try:
-                    outcomes[i] = solve()
+                    outcomes[i] = Solved(solve(), time.perf_counter() - start, owner)
                 except Exception as exc:
                     if self.world == 1:
                         raise
@@ -375,24 +375,24 @@ class Distributed:
         return outcomes
 
     def solve_on(self, owner: int, solve: Callable[[], QuantResult], name: str = "") -> QuantResult:
-        """:meth:`solve_stage` for a single Linear."""
-        return self.solve_stage([owner], [solve], [name or "a Linear"])[0]
+        """:meth:`solve_stage` for a single Linear; returns its QuantResult."""
+        return self.solve_stage([owner], [solve], [name or "a Linear"])[0].result
 
-    def _share_result(self, outcome: QuantResult | Exception | None, owner: int, name: str) -> QuantResult | Exception:
-        """The owner's outcome (a QuantResult or the exception its solve raised) on every rank."""
+    def _share_result(self, outcome: Solved | Exception | None, owner: int, name: str) -> Solved | Exception:
+        """The owner's outcome (a Solved or the exception its solve raised) on every rank."""
         what = f"sharing the result of {name} (owner rank {owner})"
         if self.rank == owner:
-            self.broadcast_tensors(_result_tensors(outcome), owner, what)
+            self.broadcast_tensors(_outcome_tensors(outcome), owner, what)
             return outcome
         meta, *rest = self.broadcast_tensors(None, owner, what)
-        status, codes_dtype, loss, damp, no_loss, no_damp, no_q = meta.tolist()
+        status, codes_dtype, loss, damp, no_loss, no_damp, no_q, seconds = meta.tolist()
         if status != _OK:
             message = bytes(rest[0].cpu().tolist()).decode()
             if status == _USER_ERROR:
                 return GptqlabError(message)
             return RemoteError(f"rank {owner} failed while solving {name}: {message}")
         codes, scales, zeros, g_idx, *Q = (t.to(self.device) for t in rest)
-        return QuantResult(
+        result = QuantResult(
             codes.to(_DTYPES[int(codes_dtype)]),
             scales,
             zeros,
@@ -401,17 +401,28 @@ class Distributed:
             None if no_loss else loss,
             None if no_damp else damp,
         )
+        return Solved(result, seconds, owner)
 
 
-def _result_tensors(outcome: QuantResult | Exception) -> list[torch.Tensor]:
-    """A QuantResult (or the owner's exception) as tensors: a float64 meta row first."""
+@dataclass
+class Solved:
+    """One Linear's outcome in :meth:`Distributed.solve_stage`: its QuantResult (the same bits on every
+    rank), the seconds the solve took on its owner, and the owner's rank."""
+
+    result: QuantResult
+    seconds: float
+    rank: int
+
+
+def _outcome_tensors(outcome: Solved | Exception) -> list[torch.Tensor]:
+    """A solve's outcome (or the owner's exception) as tensors: a float64 meta row first."""
     if isinstance(outcome, Exception):
         error = outcome
         status = _USER_ERROR if isinstance(error, GptqlabError) else _OTHER_ERROR
         text = str(error) if status == _USER_ERROR else f"{type(error).__name__}: {error}"
-        meta = torch.tensor([status, 0, 0, 0, 1, 1, 1], dtype=torch.float64)
+        meta = torch.tensor([status, 0, 0, 0, 1, 1, 1, 0], dtype=torch.float64)
         return [meta, torch.tensor(list(text.encode()), dtype=torch.uint8)]
-    r = outcome
+    r = outcome.result
     codes = r.codes
     # Codes are < 2**bits <= 256: send them as bytes (a quarter of int32's traffic), restore the dtype after.
     if codes.numel() and int(codes.min()) >= 0 and int(codes.max()) < 256:
@@ -425,6 +436,7 @@ def _result_tensors(outcome: QuantResult | Exception) -> list[torch.Tensor]:
             r.loss is None,
             r.damp_percent is None,
             r.Q is None,
+            outcome.seconds,
         ],
         dtype=torch.float64,
     )
