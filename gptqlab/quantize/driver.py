@@ -1,15 +1,31 @@
 """The layer-wise driver: runs calibration data through a model one decoder block at a time and quantizes
 each block's Linears with GPTQ or RTN.
 
-1. Capture the inputs of the first block (the embeddings run once; the block list is swapped for a
-   catcher that records its arguments and stops the forward pass).
-2. For each block: bring only that block onto the device, collect a Hessian H = 2/T Σ x xᵀ per Linear
-   with forward hooks, quantize stage by stage (true-sequential), put the dequantized weights back, re-run
-   the block to make the next block's inputs, hand the results to ``on_block``, and release the block.
+1. Capture the inputs of the first block (the embeddings run once per batch of samples; the block list
+   is swapped for a catcher that records its arguments and stops the forward pass).
+2. For each block: bring only that block onto the device; for each true-sequential stage, run the
+   calibration batches through the block until the stage's last Linear has run (the rest of the block is
+   skipped), summing one Hessian per distinct input with one matrix product per batch; quantize the
+   stage's Linears (one Cholesky factorization per distinct Hessian); put the dequantized weights back;
+   finally run the whole block to make the next block's inputs, hand the results to ``on_block``, and
+   release the block.
+
+Batches. Samples go through a block ``batch_size_for`` at a time: as many as fit a fixed activation
+budget (``batch_bytes``), computed from the model's shape and the sequence length only, so that a resumed
+run batches exactly as the first one did. The block keyword arguments (masks, rotary embeddings, ALiBi)
+are recorded once per batch size.
+
+Memory. Besides the block's weights: the layer inputs and outputs (``nsamples x seqlen x hidden`` each,
+in ``act_dtype``), one Hessian per distinct input of the current stage, and the GPTQ working set of one
+Linear. Quantized Linears keep uint8 codes on the host until ``on_block``; their dequantized weights live
+only in the block itself.
+
+Timing. After every block the driver logs a DEBUG record on the ``gptqlab.driver`` logger whose
+``block_timing`` attribute is a :class:`BlockTiming`; a benchmark collects them with a logging handler.
 
 A run can resume at any block: given that block's inputs (the outputs ``on_block`` received for the block
-before it), step 1 runs on one sample only, to recompute the block keyword arguments, and the results are
-bit for bit those of an uninterrupted run.
+before it), step 1 runs on one batch of each size only, to recompute the keyword arguments, and the
+results are bit for bit those of an uninterrupted run.
 
 The algorithm itself lives in :mod:`gptqlab.quant`; this module knows models, not number formats.
 """
@@ -20,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -29,11 +45,16 @@ from tqdm.auto import tqdm
 from gptqlab.arch import Arch, arch_for, block_list
 from gptqlab.errors import GptqlabError
 from gptqlab.modelfiles import SafetensorsWeights, materialize, release
-from gptqlab.quant import NumericalError, QuantConfig, QuantResult, dequantize_codes, gptq, rtn
+from gptqlab.quant import NumericalError, QuantConfig, QuantResult, dequantize_codes, gptq, hessian_factor, rtn
 
 log = logging.getLogger("gptqlab")
+timing_log = logging.getLogger("gptqlab.driver")
 
 METHODS = ("gptq", "rtn")
+# Activation memory one batch may use inside a block. Larger batches make fewer, larger matrix products;
+# beyond a few thousand tokens per batch the gain is small on a CPU, and the budget keeps a GPU batch of
+# 2048-token sequences of a 7B model near 1 GB.
+DEFAULT_BATCH_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -50,44 +71,109 @@ class LayerReport:
 
 @dataclass
 class QuantizedLinear:
-    """What a sink receives for each Linear: the quantizer's result, the Linear's bias (or None) and the
-    Linear's report (also among those that :func:`quantize_model` returns)."""
+    """What a sink receives for each Linear: the quantizer's result (on the host, without its dequantized
+    weight ``Q``), the Linear's bias (or None) and the Linear's report (also among those that
+    :func:`quantize_model` returns)."""
 
     result: QuantResult
     bias: torch.Tensor | None
     report: LayerReport
 
 
-class HessianAccumulator:
-    """Running H = 2/T Σ_t x_t x_tᵀ over all T tokens seen, in float32. x: [..., K]."""
+@dataclass
+class BlockTiming:
+    """Where one block's time went, in seconds. ``finished_at`` is ``time.time()`` when it was done."""
 
-    def __init__(self, K: int, device: torch.device):
+    block: int
+    forward: float = 0.0  # stage passes and the output pass
+    hessian: float = 0.0  # Hessian updates (inside the stage passes' hooks)
+    solve: float = 0.0  # factorizations and GPTQ/RTN
+    total: float = 0.0
+    batch_size: int = 1
+    finished_at: float = 0.0
+
+
+class HessianAccumulator:
+    """H = 2/T Σ_t x_t x_tᵀ over the T tokens of the calibration set, in float32, one matrix product per call.
+
+    x: [..., K], any float dtype. Each x is scaled by sqrt(2/T) before the product, so the sum is H itself
+    at every step and stays within float32's range as far as H does; sums from several processes that
+    each see part of the tokens add up to the single-process H.
+    """
+
+    def __init__(self, K: int, device: torch.device, total_tokens: int):
         self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
+        self.scale = math.sqrt(2 / total_tokens)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-        t = x.shape[0]
-        self.H *= self.tokens / (self.tokens + t)
-        self.tokens += t
-        x = x * math.sqrt(2 / self.tokens)
-        self.H += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).float() * self.scale  # [T, K]
+        self.H.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+
+class _StageHessians:
+    """Forward hooks on one stage's Linears: one accumulator per distinct input tensor (q/k/v, gate/up
+    share theirs), and a stop once every Linear of the stage has run in the current forward pass."""
+
+    def __init__(self, modules: dict[str, nn.Linear], device: torch.device, total_tokens: int, stop: bool):
+        self.modules = modules
+        self.device = device
+        self.total_tokens = total_tokens
+        self.stop = stop
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}  # Linear → the Linear whose accumulator holds its Hessian
+        self._seen: list[tuple[torch.Tensor, str]] = []  # (input, owner) in the current forward
+        self._fired: set[str] = set()
+        self.seconds = 0.0
+
+    def hook(self, name: str):
+        def fn(_module, args, _out):
+            t0 = time.perf_counter()
+            x = args[0]
+            same = next((o for t, o in self._seen if t is x), None)
+            if same is None:
+                if self.owner.setdefault(name, name) != name:
+                    raise GptqlabError(f"{name} read a different input than in the first batch")
+                acc = self.acc.get(name) or self.acc.setdefault(
+                    name, HessianAccumulator(self.modules[name].in_features, self.device, self.total_tokens)
+                )
+                acc.add(x)
+                self._seen.append((x, name))
+            elif self.owner.setdefault(name, same) != same:
+                raise GptqlabError(f"{name} read a different input than in the first batch")
+            self._fired.add(name)
+            self.seconds += time.perf_counter() - t0
+            if self.stop and len(self._fired) == len(self.modules):
+                raise _StageDone
+
+        return fn
+
+    def new_pass(self) -> None:
+        self._seen.clear()
+        self._fired.clear()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.acc[self.owner[name]].H
 
 
 class _Captured(Exception):
     """Raised by the catcher to stop the forward pass once the first block's inputs are recorded."""
 
 
+class _StageDone(Exception):
+    """Raised by a stage hook once every Linear of the stage has seen its input."""
+
+
 class _Catcher(nn.Module):
-    def __init__(self, store: list, kwargs_out: dict):
+    def __init__(self, store: list, kwargs_by_size: dict):
         super().__init__()
         self.store = store
-        self.kwargs_out = kwargs_out
+        self.kwargs_by_size = kwargs_by_size
 
     def forward(self, hidden_states, *args, **kwargs):
         self.store.append(hidden_states)
-        if not self.kwargs_out:
-            self.kwargs_out.update(kwargs)
+        self.kwargs_by_size.setdefault(hidden_states.shape[0], kwargs)
         raise _Captured
 
 
@@ -95,54 +181,118 @@ def _first(out):
     return out[0] if isinstance(out, tuple | list) else out
 
 
-@torch.no_grad()
-def capture_inputs(model: nn.Module, arch: Arch, input_ids: torch.Tensor, device: torch.device) -> tuple[list, dict]:
-    """Inputs of the first decoder block for each calibration sample, and the keyword arguments the model
-    passes to its blocks (masks, rotary embeddings, ALiBi), recorded from the first sample.
+def batch_size_for(model: nn.Module, seqlen: int, nsamples: int, batch_bytes: int = DEFAULT_BATCH_BYTES) -> int:
+    """Samples per forward batch: the most whose float32 activations inside one block fit ``batch_bytes``.
 
-    input_ids: [nsamples, seqlen]. Returns ([hidden [1, seqlen, hidden_size]] * nsamples, kwargs).
+    Per token a block holds about 6 hidden-size vectors (residual, norm, q, k, v, attention output) and 3
+    intermediate-size ones (gate, up, their product); per sample the attention scores take
+    heads x seqlen² values. Depends on the config and seqlen only, so it is the same on every run.
+    """
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 4096
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 32
+    per_sample = 4 * (seqlen * (6 * hidden + 3 * inter) + 2 * heads * seqlen * seqlen)
+    return max(1, min(nsamples, batch_bytes // per_sample))
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, arch: Arch, input_ids: torch.Tensor, device: torch.device, batch: int = 1
+) -> tuple[list[torch.Tensor], dict[int, dict]]:
+    """Inputs of the first decoder block for the calibration samples, ``batch`` at a time, and the keyword
+    arguments the model passes to its blocks (masks, rotary embeddings, ALiBi) for each batch size.
+
+    input_ids: [nsamples, seqlen]. Returns ([hidden [b, seqlen, hidden_size]] per batch, {b: kwargs}).
     """
     parent_path, _, attr = arch.blocks.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     blocks = getattr(parent, attr)
     store: list = []
-    kwargs: dict = {}
-    setattr(parent, attr, nn.ModuleList([_Catcher(store, kwargs)]))
+    kwargs_by_size: dict[int, dict] = {}
+    setattr(parent, attr, nn.ModuleList([_Catcher(store, kwargs_by_size)]))
     try:
         model.to(device)
-        for j in range(input_ids.shape[0]):
+        for j in range(0, input_ids.shape[0], batch):
             try:
-                model(input_ids[j : j + 1].to(device), use_cache=False)
+                model(input_ids[j : j + batch].to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
         model.to("cpu")  # before the blocks come back: they may hold meta parameters
         setattr(parent, attr, blocks)
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("layer_past", None)
-    kwargs["use_cache"] = False
-    return store, kwargs
+    for kwargs in kwargs_by_size.values():
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("layer_past", None)
+        kwargs["use_cache"] = False
+    return store, kwargs_by_size
 
 
-def _run_block(block: nn.Module, inputs: list, kwargs: dict) -> list:
-    return [_first(block(x, **kwargs)) for x in inputs]
+def _run_block(block: nn.Module, inputs: list, kwargs_by_size: dict, out_dtype: torch.dtype | None = None) -> list:
+    outs = []
+    for x in inputs:
+        y = _first(block(x.to(_param_dtype(block)), **kwargs_by_size[x.shape[0]]))
+        outs.append(y if out_dtype is None else y.to(out_dtype))
+    return outs
 
 
-def _quantize_weight(name: str, W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantConfig, method: str) -> QuantResult:
-    if not torch.isfinite(W).all():
+def _param_dtype(block: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in block.parameters() if p.is_floating_point())
+
+
+def _collect(block: nn.Module, hooks: _StageHessians, names, inputs: list, kwargs_by_size: dict) -> None:
+    handles = [hooks.modules[n].register_forward_hook(hooks.hook(n)) for n in names]
+    try:
+        dtype = _param_dtype(block)
+        for x in inputs:
+            hooks.new_pass()
+            try:
+                block(x.to(dtype), **kwargs_by_size[x.shape[0]])
+            except _StageDone:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        hooks.new_pass()
+
+
+def _quantize_weight(
+    name: str, W: torch.Tensor, H: torch.Tensor, qcfg: QuantConfig, method: str, factor=None
+) -> QuantResult:
+    if not bool(torch.isfinite(W).all()):
         raise GptqlabError(f"layer {name}: the weights contain NaN or Inf; the checkpoint is damaged")
     try:
-        res = gptq(W, H, qcfg) if method == "gptq" else rtn(W, qcfg, H)
+        res = gptq(W, H, qcfg, factor=factor) if method == "gptq" else rtn(W, qcfg, H)
     except NumericalError as exc:
-        # diag(H)[k] = 2 · mean of x_k², so this is the RMS of the loudest input channel.
-        rms = float(torch.sqrt(torch.diag(H).max() / 2)) if H is not None else float("nan")
-        raise GptqlabError(
-            f"layer {name}: {exc}; its loudest input channel has RMS {rms:.3g}, so check the weights that feed "
-            "this layer (e.g. a norm) and the calibration data"
-        ) from exc
+        raise _numerical(name, exc, H) from exc
     if res.damp_percent is not None and res.damp_percent != qcfg.damp_percent:
         log.warning("layer %s: Cholesky failed, damp_percent raised %g → %g", name, qcfg.damp_percent, res.damp_percent)
     return res
+
+
+def _numerical(name: str, exc: Exception, H: torch.Tensor) -> GptqlabError:
+    # diag(H)[k] = 2 · mean of x_k², so this is the RMS of the loudest input channel.
+    rms = float(torch.sqrt(torch.diag(H).max() / 2))
+    return GptqlabError(
+        f"layer {name}: {exc}; its loudest input channel has RMS {rms:.3g}, so check the weights that feed "
+        "this layer (e.g. a norm) and the calibration data"
+    )
+
+
+def _factors(names, hooks: _StageHessians, qcfg: QuantConfig, method: str, prefix: str) -> dict:
+    """One Hessian factorization per distinct input of the stage (GPTQ only)."""
+    if method != "gptq":
+        return {}
+    out = {}
+    for owner in dict.fromkeys(hooks.owner[n] for n in names):
+        H = hooks.acc[owner].H
+        if not bool(torch.isfinite(H).all()):
+            continue  # gptq raises the message that names the layer
+        try:
+            out[owner] = hessian_factor(H, qcfg.damp_percent, qcfg.desc_act)
+        except NumericalError as exc:
+            raise _numerical(f"{prefix}.{owner}", exc, H) from exc
+    return out
 
 
 @torch.no_grad()
@@ -158,33 +308,47 @@ def quantize_model(
     progress: bool = True,
     start: int = 0,
     inputs: list[torch.Tensor] | None = None,
+    act_dtype: torch.dtype | None = None,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> list[LayerReport]:
     """Quantize every decoder-block Linear of ``model`` in place, block by block.
 
     model: a transformers causal LM. With ``weights`` given, its blocks hold meta parameters and each block
-        is loaded from ``weights`` when its turn comes, then released (peak memory: one block). Without,
-        the model is fully loaded and each quantized Linear keeps its dequantized weight (fake-quant), so
-        the returned model can be evaluated directly.
+        is loaded from ``weights`` in ``dtype`` when its turn comes, then released (peak memory: one
+        block). Without, the model is fully loaded and each quantized Linear keeps its dequantized weight
+        (fake-quant), so the returned model can be evaluated directly.
     input_ids: [nsamples, seqlen] calibration tokens.
     on_block(i, block, {linear name: QuantizedLinear}, outputs): called after block i while its weights are
         still loaded, e.g. to pack and store it. outputs: block i's outputs for every sample
-        ([hidden [1, seqlen, hidden_size]] * nsamples, on ``device``), which are block i+1's inputs.
+        ([hidden [1, seqlen, hidden_size]] * nsamples, views on ``device``), which are block i+1's inputs.
     start, inputs: resume at block ``start`` (0 < start <= number of blocks) with ``inputs``, the outputs
         that on_block received for block start-1. Blocks before ``start`` are left untouched.
+    act_dtype: dtype in which layer inputs and outputs are kept between blocks (default: ``dtype``); a
+        half-precision type halves their memory, each block still computes in its weights' dtype.
+    batch_bytes: activation budget of one forward batch, see :func:`batch_size_for`.
     Returns one LayerReport per Linear of the blocks it quantized, in block order.
     """
     if method not in METHODS:
         raise GptqlabError(f"unknown method {method!r}; choose gptq or rtn")
     device = torch.device(device)
+    act_dtype = act_dtype or dtype
     arch = arch_for(model)
     blocks = block_list(model, arch)
+    nsamples, seqlen = input_ids.shape
+    batch = batch_size_for(model, seqlen, nsamples, batch_bytes)
     if start:
         if inputs is None or not 0 < start <= len(blocks):
             raise ValueError(f"resuming at block {start} of {len(blocks)} needs that block's inputs")
-        _, kwargs = capture_inputs(model, arch, input_ids[:1], device)  # the kwargs come from sample 0
-        inputs = [x.to(device) for x in inputs]
+        sizes = sorted({min(batch, nsamples - j) for j in range(0, nsamples, batch)})
+        kwargs_by_size = {}
+        for b in sizes:  # the keyword arguments for each batch size, from the first samples
+            kwargs_by_size.update(capture_inputs(model, arch, input_ids[:b], device, b)[1])
+        batches = [
+            torch.cat([x.to(device, act_dtype) for x in inputs[j : j + batch]]) for j in range(0, nsamples, batch)
+        ]
     else:
-        inputs, kwargs = capture_inputs(model, arch, input_ids, device)
+        batches, kwargs_by_size = capture_inputs(model, arch, input_ids, device, batch)
+        batches = [x.to(act_dtype) for x in batches]
     reports: list[LayerReport] = []
     stages = arch.stages if qcfg.true_sequential else (arch.linears,)
     bar = tqdm(
@@ -196,6 +360,8 @@ def quantize_model(
         disable=not progress,
     )
     for i in bar:
+        t_block = time.perf_counter()
+        timing = BlockTiming(i, batch_size=batch)
         block = blocks[i]
         prefix = f"{arch.blocks}.{i}"
         if weights is not None:
@@ -205,40 +371,62 @@ def quantize_model(
         modules = dict(block.named_modules())
         done: dict[str, QuantizedLinear] = {}
         for stage in stages:
-            acc = {n: HessianAccumulator(modules[n].in_features, device) for n in stage}
-            hooks = [modules[n].register_forward_hook(lambda _m, args, _out, a=acc[n]: a.add(args[0])) for n in stage]
-            try:
-                _run_block(block, inputs, kwargs)  # RTN does not need H, but it reports the same loss
-            finally:
-                for h in hooks:
-                    h.remove()
+            hooks = _StageHessians({n: modules[n] for n in stage}, device, nsamples * seqlen, stop=True)
+            t0 = time.perf_counter()
+            _collect(block, hooks, stage, batches, kwargs_by_size)
+            timing.forward += time.perf_counter() - t0 - hooks.seconds
+            timing.hessian += hooks.seconds
+            t0 = time.perf_counter()
+            factors = _factors(stage, hooks, qcfg, method, prefix)
+            timing.solve += time.perf_counter() - t0
             for n in stage:
                 lin = modules[n]
                 t0 = time.perf_counter()
-                res = _quantize_weight(f"{prefix}.{n}", lin.weight.data, acc[n].H, qcfg, method)
-                seconds = time.perf_counter() - t0
+                res = _quantize_weight(
+                    f"{prefix}.{n}", lin.weight.data, hooks.hessian(n), qcfg, method, factors.get(hooks.owner[n])
+                )
                 lin.weight.data = res.Q.to(device=lin.weight.device, dtype=lin.weight.dtype)
+                host = _to_host(res)
+                seconds = time.perf_counter() - t0
+                timing.solve += seconds
                 bias = None if lin.bias is None else lin.bias.data.detach().to("cpu")
                 loss = res.loss if res.loss is not None else float("nan")
                 report = LayerReport(
                     f"{prefix}.{n}", lin.in_features, lin.out_features, loss, seconds, res.damp_percent
                 )
-                done[n] = QuantizedLinear(_to_cpu(res), bias, report)
+                done[n] = QuantizedLinear(host, bias, report)
                 reports.append(report)
-        inputs = _run_block(block, inputs, kwargs)
+                del res
+            del hooks, factors
+        t0 = time.perf_counter()
+        batches = _run_block(block, batches, kwargs_by_size, act_dtype)
+        timing.forward += time.perf_counter() - t0
         if on_block is not None:
-            on_block(i, block, done, inputs)
+            on_block(i, block, done, [x[j : j + 1] for x in batches for j in range(x.shape[0])])
         if weights is not None:
             release(block)
         else:
             block.to("cpu")
         bar.set_postfix(loss=f"{sum(r.loss for r in reports[-len(done) :]):.3g}")
+        timing.total = time.perf_counter() - t_block
+        timing.finished_at = time.time()
+        timing_log.debug(
+            "block %d: %.2f s (forward %.2f, hessians %.2f, solve %.2f; batch %d)",
+            i,
+            timing.total,
+            timing.forward,
+            timing.hessian,
+            timing.solve,
+            batch,
+            extra={"block_timing": timing},
+        )
     return reports
 
 
-def _to_cpu(res: QuantResult) -> QuantResult:
-    return QuantResult(
-        res.codes.cpu(), res.scales.cpu(), res.zeros.cpu(), res.g_idx.cpu(), res.Q.cpu(), res.loss, res.damp_percent
+def _to_host(res: QuantResult) -> QuantResult:
+    """The result on the host, once per Linear, without its dequantized weight."""
+    return replace(
+        res, codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu(), Q=None
     )
 
 
