@@ -8,6 +8,7 @@ loaded as it is. Nothing is unpickled; ``.bin`` weights are read with ``torch.lo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,15 +17,32 @@ from torch import nn
 from gptqlab.checkpoint.config import CheckpointQuantConfig, read_quant_config
 from gptqlab.checkpoint.verify import ensure_sound
 from gptqlab.errors import CheckpointError, GptqlabError
+from gptqlab.kernels import BACKENDS
 from gptqlab.modelfiles import materialize, model_config, model_skeleton, open_weights
 
-BACKENDS = ("auto", "triton", "torch")
+CPU_THREADS = 1
+"""Default torch thread count for ``gptqlab.load(device="cpu")`` on a machine with at most
+:data:`FEW_CORES` usable cores. On the shared 2-core AMX Xeon, greedy decode of a 4-bit model (hidden 2048)
+ran faster on one thread than on two (``gptqlab bench latency --threads``; see
+benchmarks/results/cpu-2core/latency-cpu-threads.json): the second core is busy with other work and the
+int4 kernel is memory-bound at one row."""
+
+FEW_CORES = 2
+"""Up to this many usable cores, :data:`CPU_THREADS` replaces torch's default; above it torch's default
+(one thread per physical core) is kept."""
 
 
 def _resolve_dir(name_or_path: str) -> Path:
     from gptqlab.resolve import resolve_model_dir
 
     return resolve_model_dir(name_or_path)
+
+
+def default_cpu_threads() -> int | None:
+    """The thread count ``load`` sets on the CPU when none is given: :data:`CPU_THREADS` on machines with at
+    most :data:`FEW_CORES` usable cores, else None (keep torch's default)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return CPU_THREADS if cores <= FEW_CORES else None
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -75,13 +93,21 @@ def load(
     backend: str = "auto",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    threads: int | None = None,
 ):
     """Load a GPTQ checkpoint (or an unquantized model) as a transformers ``PreTrainedModel``.
 
     name_or_path: an embedded model name, a local folder, or a Hub id.
-    device: "auto" (cuda if available), "cpu" or "cuda". backend: "auto" (Triton on CUDA, torch on CPU),
-        "triton" or "torch" for every QuantLinear. dtype: activations and unquantized weights; default
-        float16 on CUDA, float32 on CPU.
+    device: "auto" (cuda if available), "cpu" or "cuda".
+    backend: for every QuantLinear. "auto": Triton kernels on CUDA; on the CPU, each layer is repacked once
+        for torch's int4 kernel (:mod:`gptqlab.kernels.cpu`: bf16 scales, about 0.3 % relative error
+        against the exact dequantized weight), and a layer that cannot be repacked logs the reason once
+        and runs the torch reference. "triton" or "torch": that implementation for every layer ("torch"
+        on the CPU keeps the exact GPTQ weight, dequantizing each layer per call: slow).
+    dtype: activations and unquantized weights; default float16 on CUDA, float32 on CPU.
+    threads: on the CPU, the torch thread count to set (``torch.set_num_threads``, process-wide). None
+        sets :data:`CPU_THREADS` (1) on machines with at most 2 usable cores, where it decoded faster
+        than 2 threads, and leaves torch's default on larger ones. Ignored on CUDA.
     Reads every variant of FORMAT.md: gptqlab, GPTQModel (v1), transformers/optimum (gptq_v2), legacy
     AutoGPTQ files (``gptq_model-4bit-128g.safetensors``, zero biases), act-order and 8-bit checkpoints.
     """
@@ -93,6 +119,12 @@ def load(
     from gptqlab.resolve import resolve_device
 
     dev = resolve_device(device)
+    if threads is not None and threads < 1:
+        raise GptqlabError(f"threads must be at least 1, got {threads}")
+    if dev.type == "cpu":
+        threads = threads or default_cpu_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     qc = read_quant_config(folder)
     if qc is None:
@@ -113,6 +145,8 @@ def load(
         lin = model.get_submodule(name)
         layer = _build_qlinear(name, lin, weights, qc, dev, dtype)
         layer.backend = backend
+        if dev.type == "cpu" and backend == "auto":
+            layer.use_cpu_kernel()  # logs the reason once when it cannot
         _set_module(model, name, layer)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     if out_emb is not None and getattr(model.config, "tie_word_embeddings", False):

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from gptqlab.errors import CheckpointError
-from gptqlab.kernels import BACKENDS, gptq_matmul, reference
+from gptqlab.kernels import BACKENDS, cpu, gptq_matmul, reference
 from gptqlab.kernels.layout import check_operands, num_groups
 from gptqlab.quant.pack import SUPPORTED_BITS, pack_rows, unpack_cols, unpack_rows
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _note_cpu_fallback(reason: str) -> None:
+    """Say once per process and reason that a CPU layer runs the slow reference."""
+    logger.warning(
+        "gptqlab: %s; these layers run the torch reference on the CPU (correct, but it dequantizes the "
+        "whole layer on every call)",
+        reason,
+    )
 
 
 def _compact_zeros(zeros: torch.Tensor) -> torch.Tensor:
@@ -41,6 +56,13 @@ class QuantLinear(torch.nn.Module):
     ``forward`` keeps x's dtype (fp16, bf16 or fp32). ``backend`` picks the implementation and may be
     changed at any time: "auto" (Triton kernels on CUDA, else the torch reference, which dequantizes
     only this layer and only for this call), "triton" or "torch"; see ``gptqlab.kernels.backend_for``.
+
+    On the CPU, :meth:`use_cpu_kernel` (called by ``gptqlab.load(device="cpu")``) repacks the layer once
+    for torch's int4 kernel (:mod:`gptqlab.kernels.cpu`) and drops ``qweight``, ``zeros`` and ``scales``;
+    the layer then holds ``cpu_weight`` [P, N, K/2] uint8 and ``cpu_scale_zeros`` [P, K/gk, N, 2] bf16
+    (P = 2 for 8-bit, else 1), keeps ``perm`` and ``bias``, and computes with bf16 scales (tolerance in
+    that module's docstring). backend "auto" runs the kernel; "torch" runs an fp32 matmul on the weight the
+    kernel represents (the reference for that layer); "triton" is refused.
     """
 
     def __init__(
@@ -77,6 +99,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("g_idx", g_idx, persistent=False)
+        self.cpu_group: int | None = None  # kernel group size gk once repacked for the CPU kernel
 
     @property
     def backend(self) -> str:
@@ -86,7 +109,41 @@ class QuantLinear(torch.nn.Module):
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        if value == "triton" and getattr(self, "cpu_group", None) is not None:
+            raise ValueError("this layer was repacked for the CPU int4 kernel; backend 'triton' needs the GPTQ layout")
         self._backend = value
+
+    def cpu_kernel_reason(self) -> str | None:
+        """Why this layer cannot run the CPU int4 kernel, or None if it can (or already does)."""
+        if self.cpu_group is not None:
+            return None
+        if self.qweight.device.type != "cpu":
+            return f"the layer is on {self.qweight.device}, not the CPU"
+        if self.g_idx is not None:
+            return "its groups are of unequal size (a g_idx that no reordering makes contiguous)"
+        return cpu.unsupported_reason(self.in_features, self.out_features, self.bits, self.group_size)
+
+    def use_cpu_kernel(self) -> bool:
+        """Repack once for the CPU int4 kernel, replacing the GPTQ buffers; True if the layer now uses it.
+
+        When the layer cannot, the reason is logged once per process (logger ``gptqlab.qlinear``, level
+        WARNING) and the layer keeps its GPTQ layout and the torch reference.
+        """
+        reason = self.cpu_kernel_reason()
+        if reason is not None:
+            _note_cpu_fallback(reason)
+            return False
+        if self.cpu_group is not None:
+            return True
+        codes = unpack_rows(self.qweight, self.bits)  # [K, N], kernel row order
+        weight, scale_zeros, group = cpu.repack(codes, self.zeros, self.scales, self.bits, self.group_size)
+        self.register_buffer("cpu_weight", weight, persistent=False)
+        self.register_buffer("cpu_scale_zeros", scale_zeros, persistent=False)
+        for name in ("qweight", "zeros", "scales"):
+            delattr(self, name)
+            self.register_buffer(name, None, persistent=False)
+        self.cpu_group = group
+        return True
 
     @classmethod
     def from_checkpoint(
@@ -174,6 +231,16 @@ class QuantLinear(torch.nn.Module):
         """x: [..., in_features] fp16/bf16/fp32 → [..., out_features] in x.dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features in its last dim, got {tuple(x.shape)}")
+        if self.cpu_group is not None:
+            if self.perm is not None:
+                x = x.index_select(-1, self.perm)
+            if x.device.type == "cpu" and self.backend == "auto":
+                return cpu.matmul(x, self.cpu_weight, self.cpu_scale_zeros, self.cpu_group, self.bias)
+            w = cpu.represented_weight(self.cpu_weight.cpu(), self.cpu_scale_zeros.cpu(), self.cpu_group)  # [K, N]
+            out = x.to(torch.float32) @ w.to(x.device)
+            if self.bias is not None:
+                out += self.bias.to(torch.float32)
+            return out.to(x.dtype)
         if self.g_idx is not None:
             return reference.matmul(x, self.qweight, self.zeros, self.scales, self.g_idx, self.bits, self.bias)
         if self.perm is not None:
@@ -184,7 +251,14 @@ class QuantLinear(torch.nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a torch Linear stores it: [out_features, in_features] in the original input order,
-        in ``dtype`` (default: the scales' dtype)."""
+        in ``dtype`` (default: the scales' dtype, float32 for a layer repacked for the CPU kernel, whose
+        weight is then the one that kernel represents)."""
+        if self.cpu_group is not None:
+            w = cpu.represented_weight(self.cpu_weight.cpu(), self.cpu_scale_zeros.cpu(), self.cpu_group)
+            w = w.to(device=self.cpu_weight.device, dtype=dtype or torch.float32)
+            if self.perm is not None:
+                w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)
+            return w.t().contiguous()
         g_idx = self.g_idx
         if g_idx is None:
             g_idx = reference.contiguous_g_idx(self.in_features, self.group_size, self.qweight.device)
@@ -199,7 +273,9 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         groups = "act-order" if self.perm is not None else "g_idx" if self.g_idx is not None else "contiguous"
+        kernel = f", cpu_int4_group={self.cpu_group}" if self.cpu_group is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, groups={groups}, backend={self.backend}"
+            f"{kernel}"
         )
