@@ -18,11 +18,21 @@ from gptqlab.errors import GptqlabError
 
 @dataclass(frozen=True)
 class Arch:
-    """blocks: dotted path of the decoder-block ModuleList; stages: Linear names inside one block."""
+    """blocks: dotted path of the decoder-block ModuleList; stages: Linear names inside one block.
+
+    How serving engines split the block under tensor parallelism (:mod:`gptqlab.checkpoint.engines`):
+    row_parallel: Linears whose input dimension is split across ranks; every other Linear splits its output.
+    fused: groups of Linears an engine merges into one layer (q/k/v into qkv_proj, gate/up into gate_up_proj).
+    kv: Linears that produce key/value heads, which are replicated when the ranks outnumber the KV heads.
+    Empty for a discovered architecture: nothing is known about its parallel layout.
+    """
 
     name: str
     blocks: str
     stages: tuple[tuple[str, ...], ...]
+    row_parallel: tuple[str, ...] = ()
+    fused: tuple[tuple[str, ...], ...] = ()
+    kv: tuple[str, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -36,10 +46,16 @@ _LLAMA_STAGES = (
     ("mlp.down_proj",),
 )
 
+_LLAMA_PARALLEL = {
+    "row_parallel": ("self_attn.o_proj", "mlp.down_proj"),
+    "fused": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+    "kv": ("self_attn.k_proj", "self_attn.v_proj"),
+}
+
 ARCHS = {
-    "llama": Arch("llama", "model.layers", _LLAMA_STAGES),
-    "qwen2": Arch("qwen2", "model.layers", _LLAMA_STAGES),
-    "mistral": Arch("mistral", "model.layers", _LLAMA_STAGES),
+    "llama": Arch("llama", "model.layers", _LLAMA_STAGES, **_LLAMA_PARALLEL),
+    "qwen2": Arch("qwen2", "model.layers", _LLAMA_STAGES, **_LLAMA_PARALLEL),
+    "mistral": Arch("mistral", "model.layers", _LLAMA_STAGES, **_LLAMA_PARALLEL),
     "bloom": Arch(
         "bloom",
         "transformer.h",
@@ -49,6 +65,7 @@ ARCHS = {
             ("mlp.dense_h_to_4h",),
             ("mlp.dense_4h_to_h",),
         ),
+        row_parallel=("self_attention.dense", "mlp.dense_4h_to_h"),
     ),
 }
 

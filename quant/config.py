@@ -22,8 +22,9 @@ class QuantConfig:
     static_groups: with desc_act, fix every group's scale and zero before GPTQ updates the weights, so
         that g_idx stays k // group_size and kernels need no reordering.
     sym: symmetric codes (zero point 2**(bits-1)); otherwise asymmetric min/max.
-    damp_percent: dampening λ added to diag(H) as a fraction of its mean; raised automatically (×10 per
-        try, up to 1.0) when the Cholesky factorization fails.
+    damp_percent: dampening λ added to diag(H) as a fraction of its mean, in (0, 1) (transformers refuses
+        a config with 1 or more). The solver raises it for one layer (×10 per try, up to 1.0) when the
+        Cholesky factorization fails; that value goes to the report, the config keeps this one.
     true_sequential: quantize the Linears of a block in execution order, re-collecting inputs after each
         stage (used by the layer-wise driver, not by :func:`gptq`).
     mse: search a clipping range per group that minimises the |w - q|^2.4 error instead of using min/max.
@@ -49,8 +50,11 @@ class QuantConfig:
             raise ConfigError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         if self.group_size != -1 and self.group_size <= 0:
             raise ConfigError(f"group size must be -1 (one group per row) or a positive integer, got {self.group_size}")
-        if not 0.0 < self.damp_percent <= 1.0:
-            raise ConfigError(f"damp_percent must be in (0, 1], got {self.damp_percent}")
+        if not 0.0 < self.damp_percent < 1.0:
+            raise ConfigError(
+                f"damp_percent must be in (0, 1), got {self.damp_percent} "
+                "(transformers refuses a checkpoint with 1 or more)"
+            )
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:

@@ -84,7 +84,9 @@ def test_sound_checkpoints_verify_and_load(checkpoints, name, capsys):
     assert report.layers == (8 if name == "bloom" else 14)
     assert run_cli(["verify", folder]) == 0
     summary = f"sound ({report.hashed} files match SHA256SUMS, {report.layers} quantized layers checked)"
-    assert capsys.readouterr().out.strip() == f"{folder}: {summary}"
+    first, engines = capsys.readouterr().out.strip().splitlines()
+    assert first == f"{folder}: {summary}"
+    assert engines.startswith("engines: vLLM 0.33.0 ") and "transformers 5 yes" in engines
     gptqlab.load(str(folder), device="cpu")
 
 

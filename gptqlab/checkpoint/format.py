@@ -71,13 +71,21 @@ def from_checkpoint(tensors: dict[str, torch.Tensor], bits: int, fmt: str) -> Qu
     return QuantResult(codes, scales, zeros, g_idx, dequantize_codes(codes, scales, zeros, g_idx))
 
 
+def written_desc_act(qcfg: QuantConfig) -> bool:
+    """The ``desc_act`` a checkpoint made with ``qcfg`` declares. With static groups, act-order changes only
+    the order GPTQ visits the columns: every group's parameters are fixed first, so ``g_idx`` stays
+    k // group_size and the file means what a checkpoint without act-order means. It declares
+    ``desc_act: false`` then, which engines that refuse act-order with groups (vLLM) accept."""
+    return qcfg.desc_act and not qcfg.static_groups
+
+
 def quantize_config_dict(qcfg: QuantConfig, method: str = "gptq") -> dict:
     """The ``quantize_config.json`` dict, with the keys AutoGPTQ, GPTQModel, optimum and vLLM read."""
     return {
         "quant_method": "gptq",
         "bits": qcfg.bits,
         "group_size": qcfg.group_size,
-        "desc_act": qcfg.desc_act,
+        "desc_act": written_desc_act(qcfg),
         "sym": qcfg.sym,
         "static_groups": qcfg.static_groups,
         "true_sequential": qcfg.true_sequential,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import Enum
 
 import typer
 
+from gptqlab.checkpoint.engines import ENGINES
 from gptqlab.cli.bench import app as bench_app
 from gptqlab.cli.eval import app as eval_app
 from gptqlab.cli.quantize import quantize
@@ -37,21 +39,50 @@ app.add_typer(bench_app, name="bench")
 app.command()(quantize)
 
 
+Engine = Enum("Engine", {key: key for key in ENGINES}, type=str)
+
+
 @app.command()
 def verify(
     folder: str = typer.Argument(..., help="Checkpoint folder to check."),
     hashes: bool = typer.Option(
         True, "--hashes/--no-hashes", help="Check every file against SHA256SUMS (reads every byte)."
     ),
+    engine: Engine = typer.Option(
+        None,
+        help="Check instead whether this serving engine can serve the checkpoint as written (vLLM 0.33.0, "
+        "SGLang 0.5.23, transformers 5): exit 0 when it can, else 1 with one line per reason. "
+        "Default: check soundness, then print one line saying which engines can serve it.",
+    ),
+    tp: int = typer.Option(
+        1,
+        help="With --engine vllm or sglang: the number of GPUs for tensor parallelism; checks that the "
+        "attention and KV heads and every quantized Linear's share fit the engine's GPTQ kernel.",
+    ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow a model's own Python code to run (custom architectures)."
     ),
 ) -> None:
-    """Check a checkpoint: SHA256SUMS, its config against its tensors, every quantized Linear present.
+    """Check a checkpoint: SHA256SUMS, its config against its tensors, every quantized Linear present, and
+    which serving engines can serve it.
 
     Exit 0 when it is sound, 1 when it is not (one problem per line: file, tensor, what is wrong), 2 for a
-    usage error.
+    usage error. With --engine: 0 when that engine can serve it, 1 with one line per reason.
     """
+    from gptqlab.checkpoint import engines
+
+    if engine is not None:
+        ckpt = engines.read_checkpoint(folder, trust_remote_code)
+        problems = engines.serving_problems(ckpt, engine.value, tp)
+        label = engines.ENGINES[engine.value].label
+        for problem in problems:
+            typer.echo(printable(problem))
+        if problems:
+            typer.echo(f"gptqlab: {label} cannot serve {printable(folder)}: {len(problems)} reason(s)", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{printable(folder)}: {label} can serve it on {tp} GPU(s) ({engines.ENGINES[engine.value].notes})")
+        return
+
     from gptqlab.checkpoint.verify import verify as check
 
     report = check(folder, hashes=hashes, trust_remote_code=trust_remote_code)
@@ -63,6 +94,7 @@ def verify(
     typer.echo(
         f"{printable(folder)}: sound ({report.hashed} files match SHA256SUMS, {report.layers} quantized layers checked)"
     )
+    typer.echo(engines.summary_line(engines.read_checkpoint(folder, trust_remote_code)))
 
 
 def main(argv: list[str] | None = None) -> None:
