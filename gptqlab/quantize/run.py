@@ -5,9 +5,9 @@ All input is validated before anything is written, and before any heavy work: th
 weights' headers (block count, every parameter's shape and dtype), the tokenizer against the embedding,
 and every Linear of every block against the bit width and group size. Inputs are never modified: an OUT
 that is, contains or lies inside the model folder or a calibration file is refused, with or without
-``--overwrite`` (which moves the old OUT aside and deletes it only once the new one is complete). One run at a time
-writes an OUT (:mod:`gptqlab.quantize.lock`). Progress lives in ``OUT.partial/``; the final folder is
-assembled there, checked as ``gptqlab verify`` checks it, and only then renamed to OUT.
+``--overwrite`` (which moves the old OUT aside and deletes it only once the new one is complete). One run
+at a time writes an OUT (:mod:`gptqlab.quantize.lock`). Progress lives in ``OUT.partial/``; the final
+folder is assembled there, checked as ``gptqlab verify`` checks it, and only then renamed to OUT.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
     # os.access says yes to root even on a read-only mount, so try for real.
     try:
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)).rmdir()
+        Path(tempfile.mkdtemp(prefix=".gptqlab-probe-", dir=parent)).rmdir()  # a short name: see the check above
     except OSError as exc:
         raise GptqlabError(
             f"cannot create output {out}: folder {parent} is not writable ({exc.strerror}); choose another OUT"
