@@ -257,6 +257,8 @@ def test_inconsistent_environment_is_one_line(env, message):
 def test_timeout_must_be_positive():
     with pytest.raises(ConfigError, match="must be positive"):
         Distributed.from_env("cpu", timeout=0, env={})
+    with pytest.raises(ConfigError, match="must be positive"):
+        Distributed.from_env("cpu", start_timeout=-1, env={})
 
 
 def test_matmul_threads_note():
@@ -521,7 +523,7 @@ def _report_failure(fn, out: Path) -> None:
 
 def _rank_main(scenario: str, out: str, timeout: str) -> None:
     torch.set_num_threads(1)
-    ctx = Distributed.from_env("cpu", timeout=float(timeout))
+    ctx = Distributed.from_env("cpu", timeout=float(timeout), start_timeout=120)
     assert ctx.world > 1 and dist.is_initialized()
     {"agree": _scenario_agree, "die": _scenario_die, "hang": _scenario_hang}[scenario](ctx, Path(out))
     ctx.close()

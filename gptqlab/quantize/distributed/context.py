@@ -116,7 +116,7 @@ class Distributed:
 
     rank, world: this process's rank and the number of ranks (1 without torchrun).
     device: where this rank computes (under NCCL cuda:LOCAL_RANK) and where results arrive.
-    timeout: seconds to wait for another rank before failing.
+    timeout: seconds a transfer waits for the rank at the other end before failing.
     """
 
     def __init__(self, rank: int, world: int, device: torch.device, timeout: float, owns_group: bool = False):
@@ -141,15 +141,20 @@ class Distributed:
         device: str | torch.device = "cpu",
         timeout: float = DEFAULT_TIMEOUT,
         env: Mapping[str, str] | None = None,
+        start_timeout: float = DEFAULT_TIMEOUT,
     ) -> Distributed:
         """The context that torchrun's environment describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
         MASTER_PORT), starting the process group: gloo for a CPU ``device``, NCCL for CUDA, where each rank
         uses cuda:LOCAL_RANK. Without RANK and WORLD_SIZE, or with WORLD_SIZE=1: :meth:`single`.
+
+        timeout: seconds a transfer waits for the rank at the other end; start_timeout: seconds the start
+        waits for every rank to join (also the backend's own timeout).
         Raises ConfigError for an inconsistent environment and GptqlabError when the group cannot start."""
         env = os.environ if env is None else env
         device = torch.device(device)
-        if timeout <= 0:
-            raise ConfigError(f"the distributed timeout must be positive, got {timeout:g} s")
+        for value in (timeout, start_timeout):
+            if value <= 0:
+                raise ConfigError(f"the distributed timeouts must be positive, got {value:g} s")
         rank, world = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
         if rank is None and world is None:
             return cls.single(device)
@@ -179,12 +184,12 @@ class Distributed:
                 backend,
                 rank=rank,
                 world_size=world,
-                timeout=timedelta(seconds=timeout),
+                timeout=timedelta(seconds=start_timeout),
                 device_id=device if backend == "nccl" else None,
             )
         except (RuntimeError, ValueError) as exc:
             raise GptqlabError(
-                f"cannot start torch.distributed as rank {rank} of {world}: {_reason(exc, timeout)}"
+                f"cannot start torch.distributed as rank {rank} of {world}: {_reason(exc, start_timeout)}"
             ) from exc
         return cls(rank, world, device, timeout, owns_group=True)
 
@@ -234,7 +239,7 @@ class Distributed:
     def _wait(self, pending: list, what: str) -> None:
         for work, peer, _tensor in pending:  # the tensor stays referenced until its transfer is done
             try:
-                work.wait()
+                work.wait(timedelta(seconds=self.timeout))
             except RuntimeError as exc:
                 raise RankFailure(peer, what, _reason(exc, self.timeout)) from None
 
