@@ -2,9 +2,14 @@
 
 On CUDA each point is timed by :func:`gptqlab.benchmarks.bench_kernels_gpu.bench_one` (the kernel
 engineer's CUDA-graph, L2-sweeping timer) against a dense fp16 ``x @ W``; bit widths without a Triton
-kernel (3-bit) time the torch reference instead. On the CPU there are no Triton kernels: the torch
-reference path (dequantize, then an fp32 matmul) is timed against a dense fp32 matmul, by default at
-shapes divided by 8, and the output says plainly that the GPU numbers are missing.
+kernel (3-bit) time the torch reference instead. On the CPU there are no Triton kernels; each point
+times, round-robin in one run (:func:`bench_cpu_point`): dense fp32 and dense bf16 matmuls, gptqlab's
+CPU path as a loaded model runs it (``QuantLinear`` repacked by ``use_cpu_kernel``, fp32 activations:
+the int4 kernel below :data:`gptqlab.kernels.cpu.DENSE_MIN_ROWS` rows, else dequantized bf16 tiles and
+a dense matmul), both of those paths forced (to show the crossover), and, where GPTQModel is installed,
+its CPU kernels (TorchAten, TorchFused, TorchInt8) built from the same checkpoint tensors, in bf16 as
+GPTQModel runs them. CPU shapes are divided by 8 by default (``--shrink 1`` for the real ones), and the
+output says plainly that the GPU numbers are missing.
 
 Columns: ``us`` median time per call; ``TFLOP/s`` = 2·M·K·N / time; ``GB/s`` = compulsory bytes (packed
 weight, uint8 zeros, fp16 scales, x, out) / time; ``speedup`` = dense time / gptqlab time; ``% peak BW`` =
@@ -14,8 +19,16 @@ for devices not in that table.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
 import math
+import os
 import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -53,10 +66,13 @@ MODEL_SHAPES: dict[str, tuple[tuple[str, int, int], ...]] = {
 }
 CPU_SHRINK = 8
 CPU_NOTE = (
-    "GPU numbers are missing: torch sees no CUDA device here, so these rows time the torch reference path "
-    "(dequantize the layer, then an fp32 matmul) against a dense fp32 matmul on the CPU{shrunk}. They say "
+    "GPU numbers are missing: torch sees no CUDA device here, so these rows time gptqlab's CPU path "
+    "(gptqlab.kernels.cpu) against dense fp32 and bf16 matmuls and GPTQModel's CPU kernels{shrunk}. They say "
     "nothing about the Triton kernels; run `gptqlab bench kernels` on a CUDA machine for those."
 )
+CPU_ROUNDS = 5
+"""Round-robin rounds on the CPU: each round times every kernel of a point ``repeats`` times, so that
+load from other processes hits all of them alike; the median over all calls is reported."""
 
 
 def parse_shapes(items: list[str], shrink: int) -> list[tuple[str, str, int, int]]:
@@ -130,6 +146,130 @@ def bench_torch_path(
     }
 
 
+@contextlib.contextmanager
+def _scratch_dir():
+    """Run GPTQModel in a temporary directory (it writes ./logs) with GPTQMODEL_CPU_WORKERS=2."""
+    cwd = os.getcwd()
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    with tempfile.TemporaryDirectory(prefix="gptqlab-gptqmodel-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
+
+
+def gptqmodel_cpu_layers(qweight, zeros, scales, bits: int, group_size: int) -> dict[str, torch.nn.Module]:
+    """GPTQModel's CPU QuantLinear classes that take this layer, built from the same tensors (qzeros in the
+    format each class expects), after their ``post_init``; {} when GPTQModel is not installed.
+
+    qweight [K*bits/32, N] int32; zeros [G, N] actual zero points; scales [G, N] fp16."""
+    if importlib.util.find_spec("gptqmodel") is None:
+        return {}
+    from gptqlab.kernels.reference import contiguous_g_idx
+    from gptqlab.quant.pack import pack_cols
+
+    with _scratch_dir():
+        from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+        from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
+        from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
+
+        k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+        layers = {}
+        for name, cls in (
+            ("TorchAten", TorchAtenLinear),
+            ("TorchFused", TorchFusedLinear),
+            ("TorchInt8", TorchInt8Linear),
+        ):
+            if bits not in cls.SUPPORTS_BITS or group_size not in cls.SUPPORTS_GROUP_SIZE:
+                continue
+            layer = cls(bits=bits, group_size=group_size, sym=True, desc_act=False, in_features=k, out_features=n)
+            offset = 0 if getattr(cls, "REQUIRES_FORMAT_V2", False) else 1  # v1 files store z - 1
+            layer.qweight.copy_(qweight)
+            layer.qzeros.copy_(pack_cols(zeros.to(torch.int32) - offset, bits))
+            layer.scales.copy_(scales)
+            layer.g_idx.copy_(contiguous_g_idx(k, group_size))
+            layer.eval()
+            layer.post_init()
+            layers[f"gptqmodel-{name}"] = layer
+    return layers
+
+
+def _round_robin(calls: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each callable, timing them in turn for ``rounds`` rounds of ``repeats``."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats: int) -> list[dict]:
+    """Rows for one (K, N, M, bits) on the CPU: every kernel of the module docstring, timed round-robin
+    (``repeats`` calls each, spread over up to :data:`CPU_ROUNDS` rounds).
+
+    Each row has ``us`` (median per call), ``vs_fp32`` and ``vs_bf16`` (dense time / this time) and
+    ``rel_err`` (relative Frobenius error of the output against the exact fp32 reference, from which a
+    wrongly built kernel would stand out)."""
+    from gptqlab.kernels import cpu, reference
+    from gptqlab.qlinear import QuantLinear
+
+    qweight, zeros, scales = layer_operands(k, n, bits, group_size, torch.device("cpu"))
+    zeros.fill_(2 ** (bits - 1))  # symmetric, as gptqlab and GPTQModel quantize by default (TorchFused needs it)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=gen)  # [M, K] fp32, as a loaded gptqlab model feeds its layers
+    xb = x.to(torch.bfloat16)
+    exact_w = reference.dequantize(
+        qweight, zeros, scales, reference.contiguous_g_idx(k, group_size), bits, torch.float32
+    )  # [K, N]
+    exact = x @ exact_w
+    dense32, dense16 = exact_w.clone(), exact_w.to(torch.bfloat16)
+    del exact_w
+    lin = QuantLinear(qweight.clone(), zeros.clone(), scales.clone(), bits=bits, group_size=group_size)
+    fast = lin.use_cpu_kernel()
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "dense-fp32": lambda: x @ dense32,
+        "dense-bf16": lambda: xb @ dense16,
+        "gptqlab": lambda: lin(x),
+    }
+    if fast:
+        w, sz, gk = lin.cpu_weight, lin.cpu_scale_zeros, lin.cpu_group
+        calls["gptqlab-int4"] = lambda: cpu.matmul(x, w, sz, gk, path="int4")
+        if n % cpu.BLOCK_N == 0:
+            calls["gptqlab-dense-tile"] = lambda: cpu.matmul(x, w, sz, gk, path="dense-tile")
+    for name, layer in gptqmodel_cpu_layers(qweight, zeros, scales, bits, group_size).items():
+        calls[name] = functools.partial(layer, xb)
+    rounds = min(CPU_ROUNDS, repeats)
+    seconds = _round_robin(calls, rounds, -(-repeats // rounds))
+    rows = []
+    for name, fn in calls.items():
+        out = fn().float()
+        rows.append(
+            {
+                "K": k,
+                "N": n,
+                "M": m,
+                "bits": bits,
+                "group_size": group_size,
+                "kernel": name,
+                "path": cpu.path_for(m, n) if name == "gptqlab" and fast else None,
+                "us": 1e6 * seconds[name],
+                "vs_fp32": seconds["dense-fp32"] / seconds[name],
+                "vs_bf16": seconds["dense-bf16"] / seconds[name],
+                "rel_err": float((out - exact).norm() / exact.norm()),
+                "tflops": 2 * m * n * k / seconds[name] / 1e12,
+                "calls": rounds * -(-repeats // rounds),
+            }
+        )
+    return rows
+
+
 def bench_point(
     k: int, n: int, m: int, bits: int, group_size: int, device: torch.device, repeats: int
 ) -> tuple[str, dict]:
@@ -144,6 +284,29 @@ def bench_point(
         return "triton", bench_one(gptqlab.kernels, k, n, m, bits, group_size, torch.float16, repeats, str(device))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     return "torch", bench_torch_path(k, n, m, bits, group_size, device, dtype, repeats)
+
+
+def cpu_table(rows: list[dict]) -> str:
+    """The CPU rows as printed: one line per kernel, ratios against dense fp32 and bf16 of the same run."""
+    headers = ["model", "layer", "KxN", "M", "bits", "kernel", "us", "x fp32", "x bf16", "rel err"]
+    return table(
+        headers,
+        [
+            [
+                r["model"],
+                r["layer"],
+                f"{r['K']}x{r['N']}",
+                r["M"],
+                r["bits"],
+                r["kernel"] + (f" ({r['path']})" if r["path"] else ""),
+                r["us"],
+                f"{r['vs_fp32']:.2f}x",
+                f"{r['vs_bf16']:.2f}x",
+                f"{r['rel_err']:.1e}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def run(
@@ -179,43 +342,51 @@ def run(
     print(env_line(env))
     print(f"peak memory bandwidth: {f'{peak:,.0f} GB/s' if peak else 'unknown'}; group size {group_size}")
 
-    rows = []
-    for model, layer, k, n in points:
-        for b in bits:
-            for m in batches or [1, 16, 256]:
-                backend, row = bench_point(k, n, m, b, group_size, dev, repeats)
-                row.update(model=model, layer=layer, backend=backend)
-                row["pct_peak_bw"] = 100 * row["gbps"] / peak if peak else None
-                rows.append(row)
-    headers = ["model", "layer", "KxN", "M", "bits", "kernel", "us", "dense us", "TFLOP/s", "GB/s"]
-    headers += ["% peak BW", "speedup"]
-    print(
-        table(
-            headers,
-            [
-                [
-                    r["model"],
-                    r["layer"],
-                    f"{r['K']}x{r['N']}",
-                    r["M"],
-                    r["bits"],
-                    r["kernel"],
-                    r["us"],
-                    r["dense_us"],
-                    r["tflops"],
-                    r["gbps"],
-                    "unknown" if r["pct_peak_bw"] is None else f"{r['pct_peak_bw']:.0f}%",
-                    f"{r['speedup_vs_dense']:.2f}x",
-                ]
-                for r in rows
-            ],
-        )
-    )
-    note = None
     if not on_cuda:
+        rows = []
+        for model, layer, k, n in points:
+            for b in bits:
+                for m in batches or [1, 16, 256]:
+                    for row in bench_cpu_point(k, n, m, b, group_size, repeats):
+                        rows.append({"model": model, "layer": layer, "backend": "cpu", **row})
+        print(cpu_table(rows))
         shrunk = f", at model shapes divided by {shrink}" if shrink > 1 else ""
         note = CPU_NOTE.format(shrunk=shrunk)
         print(note)
+    else:
+        rows = []
+        for model, layer, k, n in points:
+            for b in bits:
+                for m in batches or [1, 16, 256]:
+                    backend, row = bench_point(k, n, m, b, group_size, dev, repeats)
+                    row.update(model=model, layer=layer, backend=backend)
+                    row["pct_peak_bw"] = 100 * row["gbps"] / peak if peak else None
+                    rows.append(row)
+        headers = ["model", "layer", "KxN", "M", "bits", "kernel", "us", "dense us", "TFLOP/s", "GB/s"]
+        headers += ["% peak BW", "speedup"]
+        print(
+            table(
+                headers,
+                [
+                    [
+                        r["model"],
+                        r["layer"],
+                        f"{r['K']}x{r['N']}",
+                        r["M"],
+                        r["bits"],
+                        r["kernel"],
+                        r["us"],
+                        r["dense_us"],
+                        r["tflops"],
+                        r["gbps"],
+                        "unknown" if r["pct_peak_bw"] is None else f"{r['pct_peak_bw']:.0f}%",
+                        f"{r['speedup_vs_dense']:.2f}x",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
+        note = None
     result = {
         "env": env,
         "group_size": group_size,

@@ -164,11 +164,11 @@ def represented_weight(weight: torch.Tensor, scale_zeros: torch.Tensor, group: i
 
 
 def _int4_matmul(x: torch.Tensor, weight: torch.Tensor, scale_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] bf16 → [M, N] bf16 through the int4 kernel, summing the parts."""
-    out = None
-    for part, pair in zip(weight, scale_zeros, strict=True):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, part, group, pair)
-        out = y if out is None else out + y
+    """x [M, K] bf16 → [M, N] bf16 through the int4 kernel, summing the parts (indexed, not iterated:
+    iterating a tensor unbinds it, which costs more than the kernel at small shapes)."""
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight[0], group, scale_zeros[0])
+    for p in range(1, weight.shape[0]):
+        out += torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight[p], group, scale_zeros[p])
     return out
 
 
@@ -223,7 +223,6 @@ def matmul(
         out = _dense_tile_matmul(x2, weight, scale_zeros, group)
     else:
         raise ValueError(f"path must be 'int4' or 'dense-tile', got {path!r}")
-    out = out.to(torch.float32) if bias is not None else out
     if bias is not None:
-        out += bias.to(torch.float32)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        out = out.to(torch.float32).add_(bias)
+    return out.to(x.dtype).view(*x.shape[:-1], n)
