@@ -403,13 +403,18 @@ def assert_same_result(got: dict, expected: dict) -> None:
             assert got[field] == want, field
 
 
-def test_a_rank_that_dies_is_named(tmp_path):
+@pytest.mark.parametrize("dead", [1, 0])
+def test_a_rank_that_dies_is_named(tmp_path, dead):
+    """The survivor is the owner that waits for the dead rank's partial sums (dead=1), or a rank that sends
+    its partial sums to a dead owner and then waits for the owner's result (dead=0)."""
     t0 = time.monotonic()
-    results = finish(launch("die", 2, tmp_path))
-    assert results[1][0] == 3
-    assert results[0][0] == 0, results[0][1]
-    message = (tmp_path / "rank0.txt").read_text()
-    assert message.startswith("RankFailure: rank 1 stopped while reducing the Hessian of blocks.0.q to rank 0: ")
+    results = finish(launch(f"die{dead}", 2, tmp_path))
+    survivor = 1 - dead
+    assert results[dead][0] == 3
+    assert results[survivor][0] == 0, results[survivor][1]
+    message = (tmp_path / f"rank{survivor}.txt").read_text()
+    assert message.startswith(f"RankFailure: rank {dead} stopped while "), message
+    assert message.endswith(": its connection closed (the process exited)"), message
     assert "\n" not in message
     assert time.monotonic() - t0 < 60
 
@@ -495,13 +500,18 @@ def result_fields(res: QuantResult) -> dict:
     return {f: getattr(res, f) for f in ("codes", "scales", "zeros", "g_idx", "Q", "loss", "damp_percent")}
 
 
-def _scenario_die(ctx: Distributed, out: Path) -> None:
+def _scenario_die(ctx: Distributed, out: Path, dead: int) -> None:
     acc = ctx.hessian(8, C)
     for c in ctx.my_chunks(C):
         acc.add(chunk_inputs(c, 8))
-    if ctx.rank == 1:
+    if ctx.rank == dead:
         os._exit(3)
-    _report_failure(lambda: acc.reduce(0, "blocks.0.q"), out)
+
+    def reduce_and_solve():
+        H = acc.reduce(0, "blocks.0.q")
+        ctx.solve_on(0, lambda: gptq(weight(0), H, QCFG), "blocks.0.q")
+
+    _report_failure(reduce_and_solve, out)
 
 
 def _scenario_hang(ctx: Distributed, out: Path) -> None:
@@ -525,7 +535,13 @@ def _rank_main(scenario: str, out: str, timeout: str) -> None:
     torch.set_num_threads(1)
     ctx = Distributed.from_env("cpu", timeout=float(timeout), start_timeout=120)
     assert ctx.world > 1 and dist.is_initialized()
-    {"agree": _scenario_agree, "die": _scenario_die, "hang": _scenario_hang}[scenario](ctx, Path(out))
+    scenarios = {
+        "agree": _scenario_agree,
+        "die0": lambda ctx, out: _scenario_die(ctx, out, 0),
+        "die1": lambda ctx, out: _scenario_die(ctx, out, 1),
+        "hang": _scenario_hang,
+    }
+    scenarios[scenario](ctx, Path(out))
     ctx.close()
 
 
