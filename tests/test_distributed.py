@@ -32,6 +32,7 @@ from gptqlab.quantize.distributed import (
     chunk_ranges,
     cover,
     rank_chunks,
+    rank_samples,
     root_level,
 )
 from gptqlab.quantize.distributed.tree import Node
@@ -159,6 +160,12 @@ def test_chunks_and_rank_ranges():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError):
         rank_chunks(4, 2, 2)
+    # Samples: 10 samples in chunks of 4 ([0, 4), [4, 8), [8, 10)) on 2 ranks: chunk 0, then chunks 1 and 2.
+    assert [rank_samples(10, 4, 2, r) for r in range(2)] == [range(0, 4), range(4, 10)]
+    assert [rank_samples(10, 4, 4, r) for r in range(4)] == [range(0, 0), range(0, 4), range(4, 8), range(8, 10)]
+    for n, size, W in itertools.product(range(1, 12), range(1, 5), range(1, 6)):
+        parts = [rank_samples(n, size, W, r) for r in range(W)]
+        assert [i for p in parts for i in p] == list(range(n))
 
 
 def test_assign_owners_balances_cost_deterministically():
@@ -224,6 +231,7 @@ def test_without_torchrun_nothing_is_started():
     assert (ctx.rank, ctx.world, ctx.is_writer, ctx.is_distributed) == (0, 1, True, False)
     assert not dist.is_initialized()
     assert ctx.my_chunks(5) == range(5)
+    assert (ctx.my_samples(10, 4), ctx.sample_counts(10, 4)) == (range(10), [10])
     assert ctx.owners([(8, 8), (8, 16)]) == [0, 0]
     t = [torch.arange(3), torch.ones(2, 2)]
     assert ctx.gather_inputs(t) == t
@@ -464,9 +472,9 @@ def _scenario_agree(ctx: Distributed, out: Path) -> None:
     )
     saved["stored"] = result_fields(ctx.broadcast_result(stored if ctx.rank == 1 else None, 1, "blocks.0.stored"))
 
-    my_samples = [chunk_inputs(c, 8)[j] for c in mine for j in range(2)]
+    my_samples = [chunk_inputs(i // 2, 8)[i % 2] for i in ctx.my_samples(2 * C, 2)]
     saved["gathered"] = ctx.gather_inputs(my_samples)
-    counts = [2 * len(rank_chunks(C, ctx.world, r)) for r in range(ctx.world)]
+    counts = ctx.sample_counts(2 * C, 2)
     saved["scattered"] = ctx.scatter_inputs(saved["gathered"], counts)
     sent = [torch.zeros(2, 3, dtype=torch.float16), torch.tensor([True, False, True, True])]
     got = ctx.broadcast_tensors(sent if ctx.rank == 0 else None)

@@ -15,7 +15,14 @@ from gptqlab.quantize.distributed.context import (
     Solved,
     assign_owners,
 )
-from gptqlab.quantize.distributed.tree import PairwiseSum, chunk_ranges, cover, rank_chunks, root_level
+from gptqlab.quantize.distributed.tree import (
+    PairwiseSum,
+    chunk_ranges,
+    cover,
+    rank_chunks,
+    rank_samples,
+    root_level,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -29,5 +36,6 @@ __all__ = [
     "chunk_ranges",
     "cover",
     "rank_chunks",
+    "rank_samples",
     "root_level",
 ]

@@ -14,6 +14,7 @@ Typical use in the layer-wise driver::
 
     ctx = Distributed.from_env(device)
     mine = ctx.my_chunks(C)                                 # this rank's chunks, run through each block
+    samples = ctx.my_samples(nsamples, chunk_size)          # ... and their samples, for capturing inputs
     owners = ctx.owners([(lin.out_features, lin.in_features) for lin in stage])
     acc = ctx.hessian(K, C)                                 # per Linear; acc.add(x) once per own chunk
     H = acc.reduce(owners[i], name)                         # [K, K] on the owner(s), None elsewhere
@@ -35,7 +36,7 @@ import torch.distributed as dist
 
 from gptqlab.errors import ConfigError, GptqlabError, printable
 from gptqlab.quant import QuantResult
-from gptqlab.quantize.distributed.tree import Node, PairwiseSum, cover, rank_chunks
+from gptqlab.quantize.distributed.tree import Node, PairwiseSum, cover, rank_chunks, rank_samples
 
 DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for another; the owner of a large Linear may be solving it
 
@@ -219,6 +220,14 @@ class Distributed:
     def my_chunks(self, num_chunks: int) -> range:
         """The contiguous chunks this rank runs through each block (see :func:`rank_chunks`)."""
         return rank_chunks(num_chunks, self.world, self.rank)
+
+    def my_samples(self, nsamples: int, chunk_size: int) -> range:
+        """The calibration samples this rank runs: those of its chunks of ``chunk_size`` samples."""
+        return rank_samples(nsamples, chunk_size, self.world, self.rank)
+
+    def sample_counts(self, nsamples: int, chunk_size: int) -> list[int]:
+        """How many samples each rank runs (the ``counts`` of :meth:`scatter_inputs` for per-sample lists)."""
+        return [len(rank_samples(nsamples, chunk_size, self.world, r)) for r in range(self.world)]
 
     def owners(self, shapes: Sequence[tuple[int, int]]) -> list[int]:
         """The rank that solves each Linear of a stage; shapes are (out_features, in_features)."""

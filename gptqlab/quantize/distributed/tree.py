@@ -63,6 +63,12 @@ def rank_chunks(num_chunks: int, world: int, rank: int) -> range:
     return range(rank * num_chunks // world, (rank + 1) * num_chunks // world)
 
 
+def rank_samples(nsamples: int, chunk_size: int, world: int, rank: int) -> range:
+    """The calibration samples of ``rank``'s chunks: a contiguous range (empty when it owns no chunk)."""
+    chunks = rank_chunks(len(chunk_ranges(nsamples, chunk_size)), world, rank)
+    return range(min(chunks.start * chunk_size, nsamples), min(chunks.stop * chunk_size, nsamples))
+
+
 def cover(lo: int, hi: int, num_chunks: int) -> list[tuple[int, int]]:
     """The maximal tree nodes (level, index) inside chunks [lo, hi), in chunk order: what a
     :class:`PairwiseSum` that was given the leaves lo .. hi-1 holds at the end."""
