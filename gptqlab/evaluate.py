@@ -257,11 +257,13 @@ def load_and_score(
     batch_size: int = 1,
     progress: bool = True,
     label: str | None = None,
+    backend: str = "auto",
 ) -> list[dict]:
-    """Load ``path`` with :func:`gptqlab.load` (quantized or not), score it, and release it."""
+    """Load ``path`` with :func:`gptqlab.load` (quantized or not; ``backend`` for its quantized layers),
+    score it, and release it."""
     import gptqlab
 
-    model = gptqlab.load(path, device=str(device))
+    model = gptqlab.load(path, device=str(device), backend=backend)
     tokenizer = gptqlab.load_tokenizer(path)
     try:
         return score(model, tokenizer, label or model_label(path), texts, seqlen, stride, batch_size, progress)
@@ -297,14 +299,16 @@ def evaluate(
     spread_out: bool = True,
     batch_size: int | None = None,
     threads: int | None = None,
+    backend: str = "auto",
     progress: bool = True,
 ) -> tuple[list[dict], torch.device, int]:
     """Score ``model`` (an embedded name or a folder, quantized or not) on each dataset.
 
     max_chars: characters per text (None: all), spread over it (:func:`spread`) or, without ``spread_out``,
-    its first ones. batch_size: windows per forward pass; None means 8 on CUDA
-    and 1 on the CPU, where batching does not help. threads: torch CPU threads while scoring; None means
-    :func:`default_threads`. Returns the rows (:func:`score`), the device and the CPU threads used.
+    its first ones. batch_size: windows per forward pass; None means 8 on CUDA and 1 on the CPU, where
+    batching does not help. threads: torch CPU threads while scoring; None means :func:`default_threads`.
+    backend: for the quantized layers, as in :func:`gptqlab.load`. Returns the rows (:func:`score`), the
+    device and the CPU threads used.
     """
     from gptqlab.resolve import resolve_device
 
@@ -321,6 +325,7 @@ def evaluate(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return load_and_score(model, texts, seqlen, stride, dev, batch_size, progress), dev, torch.get_num_threads()
+        rows = load_and_score(model, texts, seqlen, stride, dev, batch_size, progress, backend=backend)
+        return rows, dev, torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
