@@ -1,6 +1,7 @@
 """Quantize LLaMA-7B-shaped decoder layers through the real pipeline and extrapolate to all 32 layers.
 
     python -m gptqlab.benchmarks.quantize_7b_layers [--layers 2] [--nsamples 8] [--seqlen 128] [--json FILE]
+    python -m gptqlab.benchmarks.quantize_7b_layers --solve [--inner 8,16,32] [--threads 2] [--json FILE]
 
 A LLaMA-7B configuration (hidden 4096, intermediate 11008, 32 heads) with only ``--layers`` decoder layers
 and random fp16 weights (normal, std 0.02; norms 1) is written as one safetensors shard per layer, with a
@@ -19,6 +20,11 @@ minus the GPTQ solve) grow with the token count (attention's seqlen² term is ig
 inputs and outputs that the driver keeps take 2 * nsamples * seqlen * 4096 values.
 
 Goals printed against: peak RSS on the CPU ≤ 4 GB; all of LLaMA-7B on one H100 in ≤ 5 minutes.
+
+``--solve`` times the GPTQ solve alone on the two 7B Linear shapes (q_proj 4096 → 4096 and down_proj
+11008 → 4096) with a Hessian of correlated random inputs: :func:`gptqlab.quant.gptq` for each ``--inner``
+chunk width against :func:`gptqlab.quant.gptq_reference` (the reference algorithm), alternating, in one
+run; it prints seconds, the ratio to the reference and the Hessian-weighted error of both.
 """
 
 from __future__ import annotations
@@ -173,8 +179,50 @@ def goals(est: dict, device_label: str) -> list[tuple[str, str, str]]:
     return out
 
 
+SOLVE_SHAPES = (("q_proj", HIDDEN, HIDDEN), ("down_proj", HIDDEN, INTERMEDIATE))  # (name, N, K)
+
+
+def solve_problem(N: int, K: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] (std 0.02) and H = 2/T XᵀX of T = 2K tokens whose channels share K/16 latent factors."""
+    gen = torch.Generator().manual_seed(seed)
+    T, r = 2 * K, K // 16
+    X = torch.randn(T, r, generator=gen) @ torch.randn(r, K, generator=gen) / r**0.5
+    X += 0.3 * torch.randn(T, K, generator=gen)
+    H = 2 * X.T @ X / T
+    return (torch.randn(N, K, generator=gen) * 0.02).to(device), H.to(device)
+
+
+def bench_solve(inner: list[int], device: torch.device, bits: int, group_size: int) -> list[dict]:
+    """Seconds of gptq (per inner width) and gptq_reference per Linear shape, alternating; see the docstring."""
+    import time
+
+    from gptqlab.benchmarks.common import synchronize
+    from gptqlab.quant import QuantConfig, gptq, gptq_reference, weighted_error
+
+    cfg = QuantConfig(bits=bits, group_size=group_size)
+    rows = []
+    for name, N, K in SOLVE_SHAPES:
+        W, H = solve_problem(N, K, device)
+        runs = [("reference", None), *((f"gptq b={b}", b) for b in inner)]
+        for label, b in runs:
+            synchronize(device)
+            t0 = time.perf_counter()
+            res = gptq_reference(W, H, cfg) if b is None else gptq(W, H, cfg, inner_block=b)
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            loss = weighted_error(W, res.Q, H)
+            rows.append({"linear": name, "N": N, "K": K, "solver": label, "seconds": seconds, "loss": loss})
+            print(f"{name} [{N}x{K}] {label}: {seconds:.2f} s, weighted error {loss:.6g}", flush=True)
+            del res
+    for row in rows:
+        ref = next(r for r in rows if r["linear"] == row["linear"] and r["solver"] == "reference")
+        row["ratio_to_reference"] = row["seconds"] / ref["seconds"]
+        row["loss_ratio_to_reference"] = row["loss"] / ref["loss"]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    from gptqlab.benchmarks.common import env_line, environment, table, write_json
+    from gptqlab.benchmarks.common import env_line, environment, set_threads, table, write_json
     from gptqlab.benchmarks.quantize_worker import Job
     from gptqlab.resolve import resolve_device
 
@@ -194,7 +242,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--work-dir", default=None, help="keep the model and checkpoint here (default: temp)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--solve", action="store_true", help="time the GPTQ solve alone (see above)")
+    parser.add_argument("--inner", default="16", help="with --solve: inner chunk widths to time, comma-separated")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
+    if args.solve:
+        dev = resolve_device(args.device)
+        env = environment(dev)
+        print(env_line(env))
+        inner = [int(x) for x in args.inner.split(",")]
+        rows = bench_solve(inner, dev, args.bits, args.group_size)
+        print(
+            table(
+                ["linear", "solver", "seconds", "x reference", "loss x reference"],
+                [
+                    [r["linear"], r["solver"], r["seconds"], r["ratio_to_reference"], r["loss_ratio_to_reference"]]
+                    for r in rows
+                ],
+            )
+        )
+        if args.json:
+            print(f"wrote {write_json(args.json, {'env': env, 'options': vars(args), 'solve': rows})}")
+        return 0
     if args.layers < 1 or args.nsamples < 1 or not 1 <= args.seqlen <= TARGET_SEQLEN:
         parser.error("--layers and --nsamples must be positive and --seqlen in 1..2048")
 

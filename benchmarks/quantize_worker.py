@@ -5,7 +5,9 @@
 JOB holds a :class:`Job` as JSON. The libraries are imported before the clock starts; the timed region
 goes from the unquantized model folder to a saved checkpoint and includes drawing the calibration
 windows, for every tool alike. RESULT receives the seconds, the peak and starting RSS of this process,
-the peak CUDA memory, for gptqlab the time at which each decoder block's file appeared, and for GPTQModel
+the peak CUDA memory, for gptqlab the time at which each decoder block finished and where its time went
+(the driver's :class:`~gptqlab.quantize.driver.BlockTiming` records, collected with a logging handler), and
+for GPTQModel
 a SHA-256 of the calibration tokens it was given and the seconds it took to draw them (gptqlab's
 pipeline draws the same tokens from the same spec, nsamples, seqlen and seed; the parent checks that
 the hashes agree).
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,35 +70,31 @@ def tokens_sha256(ids) -> str:
     return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
 
 
-class BlockWatcher(threading.Thread):
-    """Records, in seconds after ``start``, when gptqlab's ``OUT.partial/blocks`` folder appears (the
-    pipeline makes it once the model skeleton, embeddings and calibration are ready, just before the
-    first block) and when each ``block-NNNNN.safetensors`` appears in it (once that block is done)."""
+class BlockTimings(logging.Handler):
+    """Collects the driver's per-block :class:`~gptqlab.quantize.driver.BlockTiming` records."""
 
-    def __init__(self, out: Path, start: float, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.folder = out.parent / f"{out.name}.partial" / "blocks"
-        self.start_time = start
-        self.interval = interval
-        self.seen: dict[str, float] = {}
-        self.folder_seen: float | None = None
-        self.stopped = threading.Event()
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.timings: list = []
 
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            self.poll()
-            self.stopped.wait(self.interval)
+    def emit(self, record: logging.LogRecord) -> None:
+        timing = getattr(record, "block_timing", None)
+        if timing is not None:
+            self.timings.append(timing)
 
-    def poll(self) -> None:
-        if self.folder.is_dir():
-            now = time.perf_counter() - self.start_time
-            if self.folder_seen is None:
-                self.folder_seen = now
-            for f in self.folder.glob("block-*.safetensors"):
-                self.seen.setdefault(f.name, now)
+    def __enter__(self) -> BlockTimings:
+        logger = logging.getLogger("gptqlab.driver")
+        self._level, self._propagate = logger.level, logger.propagate
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False  # the records are for this handler, not for the console
+        logger.addHandler(self)
+        return self
 
-    def times(self) -> list[float]:
-        return [self.seen[name] for name in sorted(self.seen)]
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger("gptqlab.driver")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+        logger.propagate = self._propagate
 
 
 def import_everything(job: Job) -> None:
@@ -133,16 +131,19 @@ def run_gptqlab(job: Job) -> dict:
         damp_percent=job.damp_percent,
         progress=False,
     )
-    start = time.perf_counter()
-    watcher = BlockWatcher(Path(job.out), start)
-    watcher.start()
-    try:
+    wall0, start = time.time(), time.perf_counter()
+    with BlockTimings() as handler:
         quantize(opts)
-    finally:
-        watcher.stopped.set()
-        watcher.join()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "setup_seconds": watcher.folder_seen, "block_seconds": watcher.times()}
+    timings = handler.timings
+    done = [t.finished_at - wall0 for t in timings]
+    return {
+        "seconds": seconds,
+        # before the first block: config, skeleton, embeddings, calibration, the first block's inputs
+        "setup_seconds": done[0] - timings[0].total if timings else None,
+        "block_seconds": done,
+        "blocks": [asdict(t) for t in timings],
+    }
 
 
 def run_gptqmodel(job: Job) -> dict:

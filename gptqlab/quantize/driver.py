@@ -55,6 +55,12 @@ METHODS = ("gptq", "rtn")
 # beyond a few thousand tokens per batch the gain is small on a CPU, and the budget keeps a GPU batch of
 # 2048-token sequences of a 7B model near 1 GB.
 DEFAULT_BATCH_BYTES = 512 * 2**20
+# Blocks with fewer parameters than this run on one CPU thread. Their kernels are small, and on a shared
+# 2-core CPU (load average 8) two OpenMP threads made a forward pass of tiny-zh-llama 2.5x slower (3.0 s vs
+# 1.2 s for 8 x 512 tokens) and its GPTQ solve 7x slower: every kernel waits at a barrier for a thread the
+# scheduler has paused. A 1024 x 4096 x 11008 product took the same time on one thread or two under that
+# load and half on two threads on a quiet machine, so large blocks keep torch's thread count.
+SMALL_BLOCK_PARAMS = 50_000_000
 
 
 @dataclass
@@ -310,6 +316,7 @@ def quantize_model(
     inputs: list[torch.Tensor] | None = None,
     act_dtype: torch.dtype | None = None,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
+    threads: int | None = None,
 ) -> list[LayerReport]:
     """Quantize every decoder-block Linear of ``model`` in place, block by block.
 
@@ -326,8 +333,39 @@ def quantize_model(
     act_dtype: dtype in which layer inputs and outputs are kept between blocks (default: ``dtype``); a
         half-precision type halves their memory, each block still computes in its weights' dtype.
     batch_bytes: activation budget of one forward batch, see :func:`batch_size_for`.
+    threads: CPU threads while quantizing (restored afterwards); default 1 for blocks with fewer than
+        ``SMALL_BLOCK_PARAMS`` parameters, torch's setting otherwise. Ignored on other devices.
     Returns one LayerReport per Linear of the blocks it quantized, in block order.
     """
+    if threads is None and torch.device(device).type == "cpu":
+        per_block = sum(p.numel() for p in block_list(model, arch_for(model))[0].parameters())
+        threads = 1 if per_block < SMALL_BLOCK_PARAMS else None
+    saved = torch.get_num_threads()
+    if threads is not None and torch.device(device).type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return _quantize_model(
+            model,
+            input_ids,
+            qcfg,
+            method,
+            device,
+            dtype,
+            weights,
+            on_block,
+            progress,
+            start,
+            inputs,
+            act_dtype,
+            batch_bytes,
+        )
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _quantize_model(
+    model, input_ids, qcfg, method, device, dtype, weights, on_block, progress, start, inputs, act_dtype, batch_bytes
+) -> list[LayerReport]:
     if method not in METHODS:
         raise GptqlabError(f"unknown method {method!r}; choose gptq or rtn")
     device = torch.device(device)
