@@ -68,11 +68,36 @@ def options_from(values: dict) -> QuantizeOptions:
     return QuantizeOptions(**kwargs)
 
 
+def engine_warnings(opts: QuantizeOptions) -> list[str]:
+    """Which serving engines will not serve the checkpoint these options make, and why
+    (:func:`gptqlab.checkpoint.engines.quantize_warnings`); [] when the model's config cannot be read, which
+    the run then reports as the error it is."""
+    from gptqlab.checkpoint.engines import quantize_warnings
+    from gptqlab.errors import GptqlabError
+    from gptqlab.modelfiles import model_config
+    from gptqlab.resolve import resolve_model_dir
+
+    try:
+        config = model_config(resolve_model_dir(opts.model), opts.trust_remote_code)
+    except GptqlabError:
+        return []
+    return quantize_warnings(opts.quant, str(getattr(config, "model_type", "")))
+
+
 def quantize(**values) -> None:
-    """Quantize MODEL with Chinese calibration data and write a packed GPTQ checkpoint to OUT."""
+    """Quantize MODEL with Chinese calibration data and write a packed GPTQ checkpoint to OUT.
+
+    Before the work starts it says which serving engines (vLLM, SGLang, transformers) will not serve the
+    chosen settings, and why; it does not refuse them (gptqlab.load reads every setting).
+    """
+    from gptqlab.errors import printable
     from gptqlab.quantize.run import quantize as run
 
-    path = run(options_from(values))
+    opts = options_from(values)
+    if opts.progress:
+        for line in engine_warnings(opts):
+            typer.echo(f"gptqlab: warning: {printable(line)}", err=True)
+    path = run(opts)
     typer.echo(f"wrote {path}")
 
 
