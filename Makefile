@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test lint install install-test clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# On a CUDA GPU (<= 8 minutes on one H100/H200): correctness, kernel timings, cuBLAS comparison, decode;
+# writes benchmarks/results/<gpu-name>/gpu_check.json and .md.
+gpu-check: $(VENV)/.installed
+	$(BIN)/python -m gptqlab.benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

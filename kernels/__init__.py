@@ -89,8 +89,9 @@ def gptq_matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
     backend: str = "auto",
+    perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W + bias`` for a GPTQ layer in the layout of :mod:`gptqlab.kernels.layout`.
+    """``x[..., perm] @ W + bias`` for a GPTQ layer in the layout of :mod:`gptqlab.kernels.layout`.
 
     x: [..., K] float16, bfloat16 or float32; the leading dims are flattened to M rows.
     qweight: [K*bits/32, N] int32 (``pack_rows`` layout); bits in {2, 3, 4, 8}.
@@ -98,19 +99,26 @@ def gptq_matmul(
     group_size: rows per group, -1 for one group; groups are contiguous (row k in group k // group_size).
     bias: [N] or None.
     backend: "auto", "triton" or "torch", see :func:`backend_for`.
-    returns: [..., N] in x.dtype.
+    perm: [K] integer or None: act-order checkpoints reordered at load time (row i of qweight is input
+        perm[i]). The Triton kernels gather x through it in their loads (no extra launch); the torch path
+        does ``x.index_select(-1, perm)``.
+    returns: [..., N] in x.dtype. Launches one kernel per call on CUDA (the Triton path).
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     m, n, _ = check_operands(x2, qweight, zeros, scales, bits, group_size, bias)
+    if perm is not None and perm.shape != (k,):
+        raise ValueError(f"perm must have shape [K] = [{k}], got {tuple(perm.shape)}")
     if backend_for(bits, x.device, backend, group_size) == "torch":
+        if perm is not None:
+            x2 = x2.index_select(-1, perm)
         out = reference.matmul_contiguous(x2, qweight, zeros, scales, bits, group_size, bias)
     elif kernel_for(m) == "gemv":
         from gptqlab.kernels.gemv import gemv
 
-        out = gemv(x2, qweight, zeros, scales, bits, group_size, bias)
+        out = gemv(x2, qweight, zeros, scales, bits, group_size, bias, perm)
     else:
         from gptqlab.kernels.gemm import gemm
 
-        out = gemm(x2, qweight, zeros, scales, bits, group_size, bias)
+        out = gemm(x2, qweight, zeros, scales, bits, group_size, bias, perm)
     return out.reshape(*x.shape[:-1], n)

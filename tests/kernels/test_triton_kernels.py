@@ -1,18 +1,21 @@
-"""The Triton kernels (gemm, gemv) against the torch reference.
+"""The Triton kernels (gemm, gemv) against the torch reference and the exact product.
 
 By default they run in triton's CPU interpreter: TRITON_INTERPRET=1 is set below, before triton is
-imported. On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/kernels`` runs the compiled kernels.
+imported. There the fp16 dequantization runs as its pure-Triton twin (kernels/dequant.py), the same
+fp16 operations as the GPU's inline PTX. On a GPU machine, ``TRITON_INTERPRET=0 pytest tests/kernels``
+runs the compiled kernels with the PTX.
 
 Shapes: K = 352 = 2*128 + 96, so the last K tile of both kernels is partial and the last group of 128 is
-short; N = 200 is not a multiple of any N tile. Interpreter tiles: gemm 32 x 128 x 128; gemv 128
-columns x 16 packed rows (a K tile of 64, 128 or 256 rows for 8, 4 or 2 bits) with SPLIT_K = 2, so the
-atomic split-K sum runs for every bit width. Group sizes 32 (a gather of scales per row) and 128 / -1
-(one scales row per tile for the 4- and 8-bit gemv and the gemm; a gather for the 2-bit gemv) reach
-both scale paths of both kernels.
+short; N = 200 is not a multiple of any N tile. Interpreter tiles: gemm 32 x 64 with 16 packed rows;
+gemv 64 columns x 16 packed rows (a K tile of 64, 128 or 256 rows for 8, 4 or 2 bits) with SPLIT_K = 2,
+so the split-K reduction in the kernel runs for every bit width. Group sizes 32 (scales per word row,
+W rounded to x.dtype before the dot) and 128 / -1 (one scales row per tile for 4 and 8 bits: q - z in
+the dot, scales after it; per word row for 2 bits) reach both numerics of both kernels.
 
-Tolerance: kernel and reference dequantize to the same W (checked bit for bit below, with x = identity)
-and both sum in fp32, so outputs agree to one rounding of the output dtype (rtol = eps, atol = eps *
-max|ref|). An off-by-one zero point or a wrong group changes outputs by ~100x that.
+Tolerances: against the reference (W rounded to x.dtype, fp32 sums) outputs agree to one rounding of
+the output dtype scaled by the largest output (rtol = eps, atol = eps * max|ref|); against the exact
+fp64 product, the one-group path is within one rounding (rtol = eps) and the other within the rounding
+of W (eps/2 * sum |x W|) plus one. An off-by-one zero point or a wrong group changes outputs by ~100x that.
 """
 
 import os
@@ -188,18 +191,93 @@ def test_kernels_reject_bad_operands_with_actionable_messages(monkeypatch):
 
 
 def test_autotune_pruning_keeps_useful_configs():
-    def gemv_cfg(block_kp, split_k):
-        return triton.Config({"BLOCK_N": 128, "BLOCK_KP": block_kp, "SPLIT_K": split_k}, num_warps=4)
+    def gemv_cfg(block_n, split_k, warps):
+        return triton.Config({"BLOCK_N": block_n, "BLOCK_KP": 16, "SPLIT_K": split_k}, num_warps=warps)
 
     prune = gemv_module._prune_gemv_configs
-    small, wide, split16 = gemv_cfg(16, 4), gemv_cfg(32, 4), gemv_cfg(16, 16)
-    # K = 4096 at 4 bits: 32 tiles of 128 rows, so 16 slices fit; 32 words per thread only for M = 1
+    small, wide, split16 = gemv_cfg(64, 4, 1), gemv_cfg(128, 4, 1), gemv_cfg(64, 16, 1)
+    # K = 4096 at 4 bits: 32 tiles of 128 rows, so 16 slices fit; 64 words per thread in one warp only for M = 1
     assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 1}, BITS=4) == [small, wide, split16]
     assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 16}, BITS=4) == [small, split16]
     # K = 512: 4 tiles, so 16 slices would mostly add zeros; pruning never returns nothing
     assert prune([small, split16], {"K": 512, "M_BUCKET": 1}, BITS=4) == [small]
     assert prune([split16], {"K": 512, "M_BUCKET": 1}, BITS=4) == [split16]
 
-    tall, short = (triton.Config({"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "L2_GROUP_M": 8}) for bm in (128, 32))
-    assert gemm_module._prune_gemm_configs([tall, short], {"M_BUCKET": 64}) == [short]
-    assert gemm_module._prune_gemm_configs([tall, short], {"M_BUCKET": 256}) == [tall, short]
+    # not spilling (tests/kernels/test_compile_sm90.py): bf16 / fp32 keep at most 32 words per thread, and no
+    # K tile has more than 128 inputs (16 packed rows of 2-bit codes would be 256)
+    assert prune([small, wide], {"K": 4096, "M_BUCKET": 1, "PACKED_FP16": False}, BITS=4) == [small]
+    narrow = triton.Config({"BLOCK_N": 128, "BLOCK_KP": 8, "SPLIT_K": 4}, num_warps=2)
+    assert prune([small, narrow], {"K": 4096, "M_BUCKET": 1}, BITS=2) == [narrow]
+
+    def gemm_cfg(block_m, block_kp=16):
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_KP": block_kp, "L2_GROUP_M": 8})
+
+    tall, short, short_2bit = gemm_cfg(128), gemm_cfg(32), gemm_cfg(32, 8)
+    prune_gemm = gemm_module._prune_gemm_configs
+    assert prune_gemm([tall, short], {"M_BUCKET": 64, "BITS": 4}) == [short]
+    assert prune_gemm([tall, short], {"M_BUCKET": 256, "BITS": 4}) == [tall, short]
+    assert prune_gemm([tall, short], {"M_BUCKET": 256, "BITS": 4, "HAS_PERM": True}) == [short]  # x gathered
+    assert prune_gemm([tall, short, short_2bit], {"M_BUCKET": 256, "BITS": 2}) == [short_2bit]
+
+
+def _exact(x, layer, bias=True):
+    """The exact product with the checkpoint's W in float64, and sum |x| |W| per output."""
+    w = layer.weight().double()
+    exact = x.double().cpu() @ w + (layer.bias.double() if bias and layer.bias is not None else 0)
+    return exact, x.double().abs().cpu() @ w.abs()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_one_group_tiles_round_once_from_the_exact_product(bits, m, dtype):
+    # group 128: every gemv K tile lies in one group at 4 and 8 bits, so the dot sums x * (q - z) exactly
+    # (fp32 products of small integers) and the scales apply to the fp32 result: the output is the exact
+    # product with the checkpoint's W, rounded once (rtol = eps; the fp32 summation error is ~2**-24)
+    layer = make_layer(bits, 384, N, 128, seed=bits)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(m, 384, dtype)
+    out = gemv(x, qweight, zeros, scales, bits, 128, bias)
+    exact, _ = _exact(x, layer)
+    torch.testing.assert_close(out.cpu().double(), exact, rtol=torch.finfo(dtype).eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize(("kernel", "group_size"), [("gemv", 32), ("gemm", 32), ("gemm", 128)])
+def test_rounded_w_paths_stay_within_the_rounding_of_w(kernel, group_size, dtype):
+    # the gemm always, and the gemv when tiles span groups, put W = x.dtype((q - z) * s) into the dot (the
+    # reference's numerics): |out - exact| <= eps/2 * sum|x W| (W's rounding) + eps * |exact| (the output's)
+    layer = make_layer(4, K, N, group_size, seed=5)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(3 if kernel == "gemv" else 33, K, dtype)
+    out = (gemv if kernel == "gemv" else gemm)(x, qweight, zeros, scales, 4, group_size, bias)
+    exact, magnitude = _exact(x, layer)
+    eps = torch.finfo(dtype).eps
+    assert ((out.cpu().double() - exact).abs() <= eps / 2 * magnitude + eps * exact.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_act_order_permutation_is_fused_into_the_x_load(m):
+    layer = make_layer(4, K, N, 32)
+    qweight, zeros, scales, bias = _operands(layer)
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(9)).to(torch.int32).to(DEVICE)
+    x = _x(m, K, torch.float16)
+    out = gptq_matmul(x, qweight, zeros, scales, 4, 32, bias, backend="triton", perm=perm)
+    ref = reference.matmul_contiguous(x.index_select(-1, perm), qweight, zeros, scales, 4, 32, bias)
+    assert_within_one_ulp(out, ref)
+    torch_path = gptq_matmul(x, qweight, zeros, scales, 4, 32, bias, backend="torch", perm=perm)
+    assert torch.equal(torch_path, ref)
+    with pytest.raises(ValueError, match=r"perm must have shape \[K\] = \[352\]"):
+        gptq_matmul(x, qweight, zeros, scales, 4, 32, bias, backend="triton", perm=perm[:10])
+
+
+def test_split_k_counters_reset_so_repeated_calls_agree_bit_for_bit():
+    # the slice that arrives last sums the partials in slice order and resets its counter: a second call
+    # (reusing the counters) gives the same bits, and the counters are back at zero
+    layer = make_layer(4, K, N, 128)
+    qweight, zeros, scales, bias = _operands(layer)
+    x = _x(4, K, torch.float16)
+    first = gemv(x, qweight, zeros, scales, 4, 128, bias)
+    second = gemv(x, qweight, zeros, scales, 4, 128, bias)
+    assert torch.equal(first, second) and first.dtype == torch.float16
+    assert int(gemv_module.counters_for(first.device, N).abs().sum()) == 0
