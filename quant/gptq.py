@@ -86,7 +86,8 @@ class HessianFactor:
 
 def hessian_factor(H: torch.Tensor, damp_percent: float, desc_act: bool = False) -> HessianFactor:
     """Factor H [K, K] (left unchanged) for :func:`gptq`. Raises λ tenfold per failed factorization, up to
-    ``MAX_DAMP``; raises NumericalError when even that fails. Memory: two K x K matrices beyond H."""
+    ``MAX_DAMP``; raises NumericalError when even that fails. Memory: one K x K matrix beyond H (two
+    for a moment with act-order), factored in place."""
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be [K, K], got {tuple(H.shape)}")
     if not bool(torch.isfinite(H).all()):
@@ -103,12 +104,11 @@ def hessian_factor(H: torch.Tensor, damp_percent: float, desc_act: bool = False)
     order = perm.flip(0)
     damp = damp_percent
     while True:
-        A = H.index_select(0, order).index_select(1, order)  # J P H Pᵀ J
+        A = H.index_select(0, order).index_select(1, order) if desc_act else H.flip(0, 1)  # J P H Pᵀ J
         A.diagonal().masked_fill_(dead[order], 1)  # keeps H invertible; the weights of dead inputs are 0
         lam = damp * mean_diag
         A.diagonal().add_(lam.to(A.dtype))
-        L, info = torch.linalg.cholesky_ex(A)
-        del A
+        L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=H.device)))
         if int(info) == 0 and bool(torch.isfinite(L).all()):
             return HessianFactor(perm, L, damp, lam, dead)
         if damp >= MAX_DAMP:
@@ -159,8 +159,12 @@ def gptq(
         return choose_qparams(w, maxq, cfg.sym, cfg.min_zero, cfg.mse)
 
     # Working copy in processing order, transposed so that a column of W is a contiguous row: Wt [K, N].
-    Wt = W.t().float().masked_fill(dead[:, None], 0)
-    Wt = Wt.index_select(0, perm) if cfg.desc_act else Wt.contiguous()
+    if cfg.desc_act:
+        Wt = W.t().index_select(0, perm).float()
+        Wt.masked_fill_(dead.index_select(0, perm)[:, None], 0)
+    else:
+        Wt = torch.empty(K, N, device=dev)
+        Wt.copy_(W.t()).masked_fill_(dead[:, None], 0)
     qf = torch.empty(K, N, device=dev)  # float codes, processing order
     scales_t = torch.empty(G, N, device=dev)  # one row per group
     zeros_t = torch.empty(G, N, device=dev)
@@ -207,8 +211,10 @@ def gptq(
     # The loss without another N·K² product: the updates make W - Q = Err U (processing order) and
     # U (H + λI) Uᵀ = I, so tr((W - Q)(H + λI)(W - Q)ᵀ) = Σ ||err_j||². Dead inputs add nothing (their rows
     # of H are 0 and their W - Q is 0). Equals weighted_error to float32 rounding (tests/quant/).
-    D = W.float().masked_fill(dead, 0) - Q
-    loss = float(err_sq - factor.lam * D.square().sum(dtype=torch.float64))
+    d_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for r in range(0, N, 1024):  # ||W - Q||², a row chunk at a time
+        d_sq += (W[r : r + 1024].float().masked_fill(dead, 0) - Q[r : r + 1024]).square().sum(dtype=torch.float64)
+    loss = float(err_sq - factor.lam * d_sq)
     return QuantResult(codes.contiguous(), scales, zeros, g_idx, Q, loss, factor.damp)
 
 

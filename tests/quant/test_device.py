@@ -54,3 +54,19 @@ def test_gptq_synchronises_a_fixed_number_of_times(desc_act):
             gptq(to_device(W), to_device(H), QuantConfig(bits=4, group_size=64, desc_act=desc_act))
         counts.append(len(mode.syncs))
     assert counts[0] == counts[1] <= 4, counts
+
+
+def test_driver_hessians_stay_on_the_device():
+    from gptqlab.quantize.driver import HessianAccumulator
+
+    x = torch.randn(2, 16, 32)
+    with FakeDevice() as mode:
+        xd = to_device(x)
+        acc = HessianAccumulator(32, xd.device, total_tokens=64)
+        acc.add(xd)
+        acc.add(xd.half())  # layer inputs kept in half precision are widened on the device
+        assert isinstance(acc.H, Tagged)
+    assert mode.syncs == []
+    flat = x.reshape(-1, 32)
+    expected = 2 * (flat.T @ flat + flat.half().float().T @ flat.half().float()) / 64
+    assert torch.allclose(acc.H.as_subclass(torch.Tensor), expected, rtol=1e-5, atol=1e-5)
