@@ -7,11 +7,12 @@ Needs torch and triton only, and runs from a checkout without installing gptqlab
 
 - ``us``: median GPU time per call. Each sample replays a CUDA graph that sweeps over enough copies of
   the weight to exceed L2 (decoding reads every layer's weight from HBM once per token; timing one copy
-  in a loop would measure L2), so launch overhead and cache reuse are both excluded. The wrapper's extra
-  launches (zeroing and casting the gemv's fp32 output) are included.
+  in a loop would measure L2), so launch overhead and cache reuse are both excluded. A call is one
+  kernel launch (the gemv reduces its split-K slices inside the kernel).
 - ``TFLOP/s`` = 2*M*N*K / time; ``GB/s`` = compulsory bytes (packed weight, scales, zeros, x, out) / time.
 - ``x dense``: speedup over ``x @ W`` with a dense W in x.dtype (cuBLAS), timed the same way.
 - ``err``: max |kernel - torch reference| / max |reference|; expect below 1e-2 (fp16 rounding).
+  ``python -m gptqlab.benchmarks.gpu_check`` runs this and more (correctness, probe, decode) in one go.
 - ``config``: the tile the autotuner picked (first call per shape autotunes; that time is not measured).
 """
 

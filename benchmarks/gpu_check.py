@@ -6,9 +6,10 @@
 Sized to finish in 8 minutes on one H100 or H200 (most of it is triton compiling the autotune configs on a
 fresh machine). Steps, each a section of the JSON and of the Markdown table:
 
-1. ``correctness``: gptq_matmul (Triton) against the torch reference at M = 1, 7, 16, 256 in fp16 and
-   bf16, with bias and with an act-order permutation, 4-bit group 128 on 4096 x 4096; max |error| in
-   units of the reference's largest output (expect below 2**-9: one rounding of x.dtype).
+1. ``correctness``: the gemv (M = 1, 7, 16) and the gemm (M = 256), each with the first config its
+   pruning keeps (no autotuning, to save compile time), against the torch reference in fp16 and bf16,
+   plain and with bias and an act-order permutation, 4-bit group 128 on 4096 x 4096; max |error| in units
+   of the reference's largest output (limit: two roundings of x.dtype, 2 * eps).
 2. ``timing``: the kernel alone (device time: CUDA-graph replays over weight copies larger than L2, so
    each call reads its weight from HBM) and the full call (host wall time of an eager ``gptq_matmul``,
    wrapper and launch included) at M = 1, 16, 256.
@@ -170,10 +171,28 @@ def hbm_peak(name: str) -> float | None:
 
 
 # -- steps -----------------------------------------------------------------------------------------------------
-def step_correctness(ctx: Context) -> list[dict]:
+def _fixed_config(kernel: str, m: int, k: int, n: int, bits: int, group_size: int, dtype, perm: bool):
+    """The first config the kernel's pruning keeps for this call: correctness needs no autotuning, and
+    skipping it saves compiling every config for every bias/act-order/dtype variant."""
     import torch
 
-    from gptqlab.kernels import gptq_matmul, kernel_for, reference
+    from gptqlab.kernels import gemm, gemv
+    from gptqlab.kernels.common import m_bucket
+
+    args = {"M_BUCKET": m_bucket(m), "K": k, "N": n, "BITS": bits, "group_size": group_size}
+    args |= {"PACKED_FP16": dtype == torch.float16, "HAS_PERM": perm}
+    if kernel == "gemv":
+        return gemv._prune_gemv_configs(gemv.gemv_configs(), args)[0]
+    return gemm._prune_gemm_configs(gemm.gemm_configs(), args)[0]
+
+
+def step_correctness(ctx: Context) -> list[dict]:
+    """Each kernel with a fixed config (see :func:`_fixed_config`) against the torch reference."""
+    import torch
+
+    from gptqlab.kernels import kernel_for, reference
+    from gptqlab.kernels.gemm import gemm
+    from gptqlab.kernels.gemv import gemv
 
     k, n = ctx.check_shape
     qweight, zeros, scales = _layer(ctx, k, n)
@@ -187,7 +206,10 @@ def step_correctness(ctx: Context) -> list[dict]:
             for variant in ("plain", "bias+act-order"):
                 x = torch.randn(m, k, generator=gen).to(dtype).to(ctx.device)
                 b, p = (bias.to(dtype), perm) if variant != "plain" else (None, None)
-                out = gptq_matmul(x, qweight, zeros, scales, ctx.bits, ctx.group_size, b, backend="triton", perm=p)
+                kernel = kernel_for(m)
+                config = _fixed_config(kernel, m, k, n, ctx.bits, ctx.group_size, dtype, p is not None)
+                run = gemv if kernel == "gemv" else gemm
+                out = run(x, qweight, zeros, scales, ctx.bits, ctx.group_size, b, p, config=config)
                 xr = x if p is None else x.index_select(-1, p)
                 ref = reference.matmul_contiguous(xr, qweight, zeros, scales, ctx.bits, ctx.group_size, b)
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -197,7 +219,8 @@ def step_correctness(ctx: Context) -> list[dict]:
                         "M": m,
                         "dtype": str(dtype).removeprefix("torch."),
                         "variant": variant,
-                        "kernel": kernel_for(m),
+                        "kernel": kernel,
+                        "config": dict(config.kwargs) | {"num_warps": config.num_warps},
                         "max_rel_err": err,
                         "limit": limit,
                         "ok": err <= limit and out.dtype == dtype,
@@ -490,6 +513,12 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _rows(report: dict, step: str) -> list[dict]:
+    """A step's measured rows (none when it was skipped or failed; rows skipped for time left out)."""
+    rows = report.get(step)
+    return [r for r in rows if "skipped" not in r] if isinstance(rows, list) else []
+
+
 def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [
@@ -503,23 +532,21 @@ def markdown(report: dict) -> str:
         "| M | dtype | variant | kernel | error | limit | ok |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in report.get("correctness", []):
+    for r in _rows(report, "correctness"):
         lines.append(
             f"| {r['M']} | {r['dtype']} | {r['variant']} | {r['kernel']} | {r['max_rel_err']:.1e} | "
             f"{r['limit']:.1e} | {r['ok']} |"
         )
     lines += ["", "## Kernel alone vs full call (4-bit, group 128)", "", "| M | kernel | kernel us | call us |"]
     lines.append("|---|---|---|---|")
-    for r in report.get("timing", []):
+    for r in _rows(report, "timing"):
         lines.append(f"| {r['M']} | {r['kernel']} | {r['kernel_us']:.1f} | {r['call_us']:.1f} |")
     lines += ["", "## gemv configs against the load-only probe", "", "| M | config | kernel us | probe us | ratio |"]
     lines.append("|---|---|---|---|---|")
-    for r in report.get("probe", []):
-        if "skipped" not in r:
-            lines.append(
-                f"| {r['M']} | {r['config']} | {r['kernel_us']:.1f} | {r['probe_us']:.1f} | "
-                f"{r['kernel_over_probe']:.2f} |"
-            )
+    for r in _rows(report, "probe"):
+        lines.append(
+            f"| {r['M']} | {r['config']} | {r['kernel_us']:.1f} | {r['probe_us']:.1f} | {r['kernel_over_probe']:.2f} |"
+        )
     lines += [
         "",
         "## Autotuned kernels vs cuBLAS fp16 (predicted: kernel_static's model for the same config, H100)",
@@ -527,16 +554,14 @@ def markdown(report: dict) -> str:
         "| shape | M | us | fp16 us | x fp16 | GB/s | HBM | predicted us | predicted x fp16 | config |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report.get("table", []):
-        if "skipped" in r:
-            continue
+    for r in _rows(report, "table"):
         lines.append(
             f"| {r['shape']} | {r['M']} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['speedup_vs_fp16']:.2f} | "
             f"{r['gbps']:.0f} | {_fmt(r['hbm_fraction'], '.0%')} | {_fmt(r['predicted_us_h100'], '.1f')} | "
             f"{_fmt(r['predicted_speedup_h100'], '.2f')} | {r['config']} |"
         )
     q = report.get("quantize")
-    if q:
+    if q and "skipped" not in q:
         lines += [
             "",
             "## tiny-zh-llama quantized on " + " and ".join(q["devices"]),
@@ -545,7 +570,7 @@ def markdown(report: dict) -> str:
             f"{q['max_rel_scale_diff']:.2e}; seconds: {q['seconds']}",
         ]
     d = report.get("decode")
-    if d:
+    if d and "skipped" not in d:
         lines += [
             "",
             f"## Decode at batch 1, LLaMA-7B shape ({d['layers']} layers, {d['linears']} Linears, random weights)",
@@ -556,6 +581,9 @@ def markdown(report: dict) -> str:
             f"| Linears us/token (CUDA graph) | {d['fp16_linears_us_per_token']:.0f} | "
             f"{d['int4_linears_us_per_token']:.0f} | {d['linears_speedup']:.2f} |",
         ]
+    skipped = [step for step in STEPS if isinstance(report.get(step), dict) and "skipped" in report[step]]
+    if skipped:
+        lines += ["", "Skipped for time: " + ", ".join(skipped)]
     if report.get("errors"):
         lines += ["", "## Steps that failed", ""] + [f"- {k}: {v}" for k, v in report["errors"].items()]
     return "\n".join(lines) + "\n"
@@ -582,8 +610,12 @@ def run(dry_run: bool, out_dir: Path | None, steps: list[str]) -> tuple[dict, Pa
         "quantize": lambda: step_quantize(ctx),
         "decode": lambda: step_decode(ctx),
     }
+    least = {"quantize": 60, "decode": 90}  # seconds a step needs at least; skipped when less is left
     for step in steps:
         print(f"[{time.time() - ctx.started:6.1f} s] {step}", file=sys.stderr, flush=True)
+        if not dry_run and ctx.left() < least.get(step, 30):
+            report[step] = {"skipped": f"time budget: {ctx.left():.0f} s left of {ctx.budget_s:.0f}"}
+            continue
         try:
             report[step] = actions[step]()
         except Exception as exc:  # one failed step must not lose the others' results
@@ -632,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     report, out_dir = run(args.dry_run, args.out_dir, args.steps)
     print(markdown(report))
     print(f"wrote {out_dir / 'gpu_check.json'} and {out_dir / 'gpu_check.md'}")
-    failed = [r for r in report.get("correctness", []) if not r["ok"]]
+    failed = [r for r in _rows(report, "correctness") if not r["ok"]]
     if report["errors"] or failed:
         print(f"{len(report['errors'])} step(s) failed, {len(failed)} correctness check(s) failed", file=sys.stderr)
         return 1

@@ -258,6 +258,9 @@ def predict(gpu: Gpu, row: dict) -> dict:
         "hbm_fraction": compulsory_bytes(m, k, n, bits, row["group_size"], 1) / t / gpu.hbm_bytes_per_s,
         "bound": bound,
         "programs": programs,
+        "memory_us": t_mem * 1e6,
+        "issue_us": t_issue * 1e6,
+        "mma_us": t_mma * 1e6,
     }
 
 
@@ -375,6 +378,9 @@ def build_rows(
                             f"predicted_speedup_vs_fp16_{key}": p["speedup_vs_fp16"],
                             f"predicted_hbm_fraction_{key}": p["hbm_fraction"],
                             f"predicted_bound_{key}": p["bound"],
+                            f"predicted_memory_us_{key}": p["memory_us"],
+                            f"predicted_issue_us_{key}": p["issue_us"],
+                            f"predicted_mma_us_{key}": p["mma_us"],
                         }
                     row["programs"] = p["programs"]
                     point.append(row)

@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernel families: dequantization in registers and autotuning helpers.
+"""Pieces shared by the Triton kernel families: launch checks, numerics helpers and autotuning helpers.
 
 Importing this module imports triton. ``gptqlab.kernels`` imports it only when a Triton kernel runs, so
 ``import gptqlab`` works without triton installed.
@@ -55,24 +55,9 @@ def tile_in_one_group(block_k: int, group_size: int, k: int) -> bool:
 
 
 @triton.jit
-def dequantize_codes(words, shift, zero_biased, scale, BITS: tl.constexpr):
-    """fp32 weights ``scale * (q - z)`` for the ``BITS``-bit codes q at bit offset ``shift`` of ``words``.
-
-    words: int32 packed words; shift: bit offsets, broadcastable to ``words``.
-    zero_biased: fp32 ``z + 2**23`` (see :func:`bias_zeros`); scale: fp32. Both broadcastable to words.
-    The result is exact: q - z is a small integer and the product of it with an fp16/bf16 scale fits fp32.
-    """
-    # [.., ..] codes in [0, 2**BITS); the mask also clears the sign bits of an arithmetic shift
-    q = (words >> shift) & ((1 << BITS) - 1)
-    # int -> fp32 through the mantissa of 2**23 (one OR, one FADD below) instead of an I2F conversion,
-    # which runs at a fraction of the FP32 rate and could bound the decode kernel below memory bandwidth
-    q_biased = (q | FLOAT_BIAS_BITS).to(tl.float32, bitcast=True)
-    return (q_biased - zero_biased) * scale
-
-
-@triton.jit
 def bias_zeros(zeros):
-    """fp32 ``z + 2**23`` for integer zero points, to pair with :func:`dequantize_codes` (exact for z < 2**23)."""
+    """fp32 ``z + 2**23`` for integer zero points (exact for z < 2**23): subtracting it from the fp32 word
+    ``FLOAT_BIAS_BITS | q`` gives q - z without an I2F conversion (``dequant.dequantize_halves_exact``)."""
     return zeros.to(tl.float32) + FLOAT_BIAS
 
 

@@ -16,14 +16,25 @@ g_idx      [K] int                 group of each input row; only the torch refer
                                    kernels assume contiguous groups: row k belongs to group k // group_size.
 =========  ======================  ==========================================================================
 
-Numerics (reference and kernels compute the same values):
+Numerics. The reference (``reference.py``) computes
 
     W[k, n] = to(dtype)( float32(scales[g, n]) * float32(q[k, n] - zeros[g, n]) ),   g = g_idx[k]
     out     = to(x.dtype)( sum_k float32(x[m, k]) * float32(W[k, n]) + float32(bias[n]) )
 
 ``q - z`` is an integer with |q - z| <= 2**bits, so it is exact in fp32, and for fp16 or bf16 scales the
-product is exact as well; W is therefore the correctly rounded product in ``dtype`` (= x.dtype), and the
-only difference between kernels and reference is the fp32 summation order.
+product is exact as well: W is the correctly rounded product in ``dtype`` (= x.dtype). The kernels:
+
+* gemm, and gemv tiles that span groups: the same W (rounded once), fp32 sums; they differ from the
+  reference only in the summation order;
+* gemv tiles inside one group (4-bit and 8-bit at group size 128, the common case): q - z enters the
+  tensor-core dot unrounded and the fp32 result is multiplied by the fp16 scale, so the output is the
+  exact product with the checkpoint's W rounded once (up to fp32 summation error, ~2**-24 relative).
+  It differs from the reference by at most the reference's rounding of W, eps/2 * sum_k |x W|.
+
+Both hold for fp16 and bf16 activations alike: bf16 is computed in fp32 from the fp16 scales, never
+through a bf16 copy of a scale. Tolerances (tests/kernels/test_triton_kernels.py): one rounding of
+x.dtype (rtol = eps: 2**-10 fp16, 2**-7 bf16) against the exact product for one-group gemv tiles;
+eps/2 * sum |x W| + eps * |exact| for the rounded-W paths.
 """
 
 from __future__ import annotations

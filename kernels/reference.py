@@ -1,8 +1,8 @@
 """Pure-torch GPTQ dequantization and dequant-matmul: the reference for the Triton kernels and the CPU path.
 
-The values computed here are the ones the kernels compute (see ``layout.py``): the dequantized weight is
-one exact fp32 product rounded once to the activation dtype, and the matmul accumulates in fp32. The
-kernels differ only in the order of the fp32 summation.
+The dequantized weight is one exact fp32 product rounded once to the activation dtype, and the matmul
+accumulates in fp32. The gemm computes the same values in another summation order; the gemv, for K tiles
+inside one group, skips the rounding of W (``layout.py`` gives both contracts and their tolerances).
 
 Unlike the kernels, these functions take ``g_idx`` and so handle any group assignment, including
 act-order checkpoints that were not reordered at load time. They materialize one layer's [K, N] weight,

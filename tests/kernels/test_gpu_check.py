@@ -53,3 +53,19 @@ def test_sections_have_their_rows(dry_run):
     meta = report["meta"]
     assert meta["dry_run"] and meta["device"] == "cpu-interpreter" and meta["commit"] and meta["date"]
     assert "dry run: CPU interpreter, times meaningless" in markdown
+
+
+def test_markdown_reports_skipped_steps_without_failing():
+    from gptqlab.benchmarks.gpu_check import markdown
+
+    meta = {"device": "X", "date": "d", "commit": "c", "torch": "t", "triton": "t", "seconds": 1.0, "dry_run": False}
+    report = {
+        "meta": meta,
+        "errors": {"decode": "RuntimeError: boom"},
+        "correctness": {"skipped": "time budget: 10 s left of 480"},
+        "table": [{"shape": "s", "M": 1, "skipped": "time budget"}],
+        "quantize": {"skipped": "time budget: 5 s left of 480"},
+    }
+    text = markdown(report)
+    assert "Skipped for time: correctness, quantize" in text and "- decode: RuntimeError: boom" in text
+    assert "| s | 1 |" not in text
