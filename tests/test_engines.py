@@ -224,11 +224,8 @@ def test_settings_rules_on_group_sizes():
 def test_quantize_warns_before_the_work_and_still_writes(tiny_models, tmp_path, capsys):
     args = ["--method", "rtn", "--bits", "3", "--nsamples", "4", "--seqlen", "32"]
     assert run_cli(["quantize", tiny_models["llama"], tmp_path / "loud", *args]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gptqlab: warning: ")]
-    assert [w.split(" will not serve")[0] for w in warnings] == [
-        "gptqlab: warning: vLLM 0.33.0",
-        "gptqlab: warning: SGLang 0.5.23",
-    ]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert [w.split(" will not serve")[0] for w in warnings] == ["warning: vLLM 0.33.0", "warning: SGLang 0.5.23"]
     assert (tmp_path / "loud" / "model.safetensors").is_file()  # a warning, not a refusal
     assert run_cli(["quantize", tiny_models["llama"], tmp_path / "quiet", *args, "-q"]) == 0
-    assert "warning" not in capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().out

@@ -87,7 +87,7 @@ def engine_warnings(opts: QuantizeOptions) -> list[str]:
 def quantize(**values) -> None:
     """Quantize MODEL with Chinese calibration data and write a packed GPTQ checkpoint to OUT.
 
-    Before the work starts it says which serving engines (vLLM, SGLang, transformers) will not serve the
+    Before the work starts it prints which serving engines (vLLM, SGLang, transformers) will not serve the
     chosen settings, and why; it does not refuse them (gptqlab.load reads every setting).
     """
     from gptqlab.errors import printable
@@ -96,7 +96,7 @@ def quantize(**values) -> None:
     opts = options_from(values)
     if opts.progress:
         for line in engine_warnings(opts):
-            typer.echo(f"gptqlab: warning: {printable(line)}", err=True)
+            typer.echo(f"warning: {printable(line)}")  # stdout: stderr is kept for the one-line error
     path = run(opts)
     typer.echo(f"wrote {path}")
 
