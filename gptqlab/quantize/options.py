@@ -17,7 +17,6 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 METHODS = ("gptq", "rtn")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("gptq", "gptq_v2")
-DTYPES = ("float16", "bfloat16")
 
 
 def parse_size(text: str) -> int:
