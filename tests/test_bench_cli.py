@@ -245,7 +245,8 @@ def test_quantize_flags_are_the_options_fields():
     assert quantize_options(["m", "o"]).__dict__ == QuantizeOptions(model="m", out="o").__dict__  # same defaults
     argv = "m o --bits 3 --group-size 64 --act-order --static-groups --no-sym --method rtn --calib reviews "
     argv += "--nsamples 8 --seqlen 32 --device cpu --seed 5 --format gptq_v2 --damp-percent 0.1 "
-    argv += "--no-true-sequential --mse --max-shard-size 1GB --overwrite --trust-remote-code -q --no-resume"
+    argv += "--no-true-sequential --mse --dtype bfloat16 --max-shard-size 1GB --overwrite --trust-remote-code -q "
+    argv += "--no-resume"
     got = quantize_options(argv.split())
     want = QuantizeOptions(
         "m",
@@ -265,6 +266,7 @@ def test_quantize_flags_are_the_options_fields():
         0.1,
         False,
         True,
+        "bfloat16",
         "1GB",
         True,
         True,
@@ -272,7 +274,7 @@ def test_quantize_flags_are_the_options_fields():
         False,
     )
     assert got.__dict__ == want.__dict__
-    assert len([f for f in fields(QuantizeOptions) if f.init]) == 22  # a new field needs a flag above too
+    assert len([f for f in fields(QuantizeOptions) if f.init]) == 23  # a new field needs a flag above too
 
 
 def test_quantize_help_explains_every_option(capsys, monkeypatch):
@@ -299,6 +301,7 @@ def test_quantize_help_explains_every_option(capsys, monkeypatch):
         "--damp-percent",
         "--true-sequential",
         "--mse",
+        "--dtype",
         "--max-shard-size",
         "--overwrite",
         "--trust-remote-code",
@@ -310,3 +313,18 @@ def test_quantize_help_explains_every_option(capsys, monkeypatch):
     bits = ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"
     assert f"Code width in bits: {bits}." in out
     assert METHODS == DRIVER_METHODS
+
+
+def test_checkpoint_dtype_defaults_to_the_models_own():
+    from types import SimpleNamespace
+
+    from gptqlab.errors import ConfigError
+    from gptqlab.quantize.options import QuantizeOptions
+
+    opts = QuantizeOptions("m", "o")
+    assert opts.checkpoint_dtype(SimpleNamespace(dtype="bfloat16")) == "bfloat16"  # Qwen2's config
+    assert opts.checkpoint_dtype(SimpleNamespace(torch_dtype="torch.float16")) == "float16"
+    assert opts.checkpoint_dtype(SimpleNamespace(dtype="float32")) == "float16"
+    assert QuantizeOptions("m", "o", dtype="bfloat16").checkpoint_dtype(SimpleNamespace(dtype="float16")) == "bfloat16"
+    with pytest.raises(ConfigError, match="--dtype must be float16 or bfloat16"):
+        QuantizeOptions("m", "o", dtype="float32")

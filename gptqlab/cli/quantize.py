@@ -46,7 +46,7 @@ def parameters_of(cls: type = QuantizeOptions) -> list[tuple[str, object, object
         default = f.default if f.default is not MISSING else ...
         if meta.get("choices"):
             annotation = _choices_type(f.name.title().replace("_", ""), meta["choices"])
-            default = annotation(default)
+            default = None if default is None else annotation(default)
         if meta.get("invert"):
             default = not default
         params.append((_cli_name(f), annotation, typer.Option(default, *meta.get("decls", ()), help=help_text)))

@@ -17,6 +17,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 METHODS = ("gptq", "rtn")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("gptq", "gptq_v2")
+DTYPES = ("float16", "bfloat16")
 
 
 def parse_size(text: str) -> int:
@@ -81,6 +82,12 @@ class QuantizeOptions:
     mse: bool = option(
         False, "Search a clipping range per group that minimises the quantization error.", "--mse/--no-mse"
     )
+    dtype: str | None = option(
+        None,
+        "Float type of the written unquantized tensors (config.json dtype) and of calibration on CUDA. "
+        "Default: the model's own (float16 for a float32 model). Scales stay float16, as the format requires.",
+        choices=DTYPES,
+    )
     max_shard_size: str = option("4GB", "Largest safetensors shard, e.g. 2GB or 500MB.")
     overwrite: bool = option(
         False, "Replace OUT if it exists (only once the new checkpoint is complete). Default: off.", "--overwrite"
@@ -116,6 +123,8 @@ class QuantizeOptions:
             raise ConfigError(f"--nsamples must be positive, got {self.nsamples}")
         if self.seqlen is not None and self.seqlen <= 0:
             raise ConfigError(f"--seqlen must be positive, got {self.seqlen}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be float16 or bfloat16, got {self.dtype!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         parse_size(self.max_shard_size)
@@ -130,3 +139,11 @@ class QuantizeOptions:
             mse=self.mse,
             checkpoint_format=self.format,
         )
+
+    def checkpoint_dtype(self, config) -> str:
+        """The float type the run writes and calibrates in on CUDA: ``dtype`` when given, else the model
+        config's own (``dtype``, or ``torch_dtype`` in older configs) when it is bfloat16, else float16."""
+        if self.dtype is not None:
+            return self.dtype
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return "bfloat16" if str(own).removeprefix("torch.") == "bfloat16" else "float16"
