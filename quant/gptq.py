@@ -130,20 +130,24 @@ def _chunks(i1: int, i2: int, b: int, gs: int) -> list[tuple[int, int]]:
 
 def gptq(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     cfg: QuantConfig,
     factor: HessianFactor | None = None,
     inner_block: int = INNER_BLOCK,
 ) -> QuantResult:
     """Quantize W [N, K] against the Hessian H [K, K] of its inputs. W and H are left unchanged.
 
-    factor: ``hessian_factor(H, cfg.damp_percent, cfg.desc_act)``, computed here when not given.
+    factor: ``hessian_factor(H, cfg.damp_percent, cfg.desc_act)``, computed here when not given; with it,
+        H may be None (the caller can free H once it is factored).
     Returns codes, scales, zeros and g_idx in the original column order, on W's device. With
     ``cfg.desc_act``, columns are processed in order of decreasing diag(H); groups are then formed in that
     order (g_idx is not monotonic) unless ``cfg.static_groups`` fixes them to k // group_size beforehand.
     """
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"W must be [N, K] and H [K, K]; got W {tuple(W.shape)}, H {tuple(H.shape)}")
+    if H is None and factor is None:
+        raise ValueError("gptq needs the Hessian H or its factor")
+    shape = tuple(H.shape) if H is not None else tuple(factor.L.shape)
+    if W.dim() != 2 or shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"W must be [N, K] and H [K, K]; got W {tuple(W.shape)}, H {shape}")
     if inner_block <= 0:
         raise ValueError(f"inner_block must be positive, got {inner_block}")
     if factor is None:
