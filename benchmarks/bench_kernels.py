@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -70,9 +71,6 @@ CPU_NOTE = (
     "(gptqlab.kernels.cpu) against dense fp32 and bf16 matmuls and GPTQModel's CPU kernels{shrunk}. They say "
     "nothing about the Triton kernels; run `gptqlab bench kernels` on a CUDA machine for those."
 )
-CPU_ROUNDS = 5
-"""Round-robin rounds on the CPU: each round times every kernel of a point ``repeats`` times, so that
-load from other processes hits all of them alike; the median over all calls is reported."""
 
 
 def parse_shapes(items: list[str], shrink: int) -> list[tuple[str, str, int, int]]:
@@ -195,24 +193,24 @@ def gptqmodel_cpu_layers(qweight, zeros, scales, bits: int, group_size: int) -> 
     return layers
 
 
-def _round_robin(calls: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each callable, timing them in turn for ``rounds`` rounds of ``repeats``."""
+def _round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(median, fastest) seconds per call of each callable, calling them in turn for ``rounds`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for fn in calls.values():
         fn()  # warm-up
     for _ in range(rounds):
         for name, fn in calls.items():
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()}
 
 
 @torch.no_grad()
 def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats: int) -> list[dict]:
     """Rows for one (K, N, M, bits) on the CPU: every kernel of the module docstring, timed round-robin
-    (``repeats`` calls each, spread over up to :data:`CPU_ROUNDS` rounds).
+    (``repeats`` rounds of one call each, so that load from other processes hits all kernels alike; the
+    median is reported, and the fastest call as ``best_us``).
 
     Each row has ``us`` (median per call), ``vs_fp32`` and ``vs_bf16`` (dense time / this time) and
     ``rel_err`` (relative Frobenius error of the output against the exact fp32 reference, from which a
@@ -245,8 +243,7 @@ def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats:
             calls["gptqlab-dense-tile"] = lambda: cpu.matmul(x, w, sz, gk, path="dense-tile")
     for name, layer in gptqmodel_cpu_layers(qweight, zeros, scales, bits, group_size).items():
         calls[name] = functools.partial(layer, xb)
-    rounds = min(CPU_ROUNDS, repeats)
-    seconds = _round_robin(calls, rounds, -(-repeats // rounds))
+    seconds, best = _round_robin(calls, repeats)
     rows = []
     for name, fn in calls.items():
         out = fn().float()
@@ -264,7 +261,8 @@ def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats:
                 "vs_bf16": seconds["dense-bf16"] / seconds[name],
                 "rel_err": float((out - exact).norm() / exact.norm()),
                 "tflops": 2 * m * n * k / seconds[name] / 1e12,
-                "calls": rounds * -(-repeats // rounds),
+                "best_us": 1e6 * best[name],
+                "calls": repeats,
             }
         )
     return rows
@@ -400,3 +398,33 @@ def run(
     if json_path is not None:
         print(f"wrote {write_json(json_path, result)}")
     return result
+
+
+def plot_cpu_kernels(results: list[dict], path: str | Path) -> Path:
+    """A PNG of CPU results (JSON of :func:`run` on the CPU): per (bits, M), each kernel's time per call as a
+    multiple of dense bf16's in the same run (log scale; lower is faster). Returns the file written."""
+    from gptqlab.benchmarks.plots import _grouped_bars, _pyplot
+
+    plt = _pyplot()
+    rows = [r for res in results for r in res["rows"]]
+    groups = sorted({(r["bits"], r["M"]) for r in rows})
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    index = {(r["bits"], r["M"], r["kernel"]): r for r in rows}
+    series = {k: [1 / index[(b, m, k)]["vs_bf16"] if (b, m, k) in index else None for b, m in groups] for k in kernels}
+    colors = dict(zip(kernels, plt.get_cmap("tab10").colors, strict=False))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 4.5))
+    _grouped_bars(ax, [f"{b}-bit M={m}" for b, m in groups], series, colors)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    first = rows[0]
+    ax.set_ylabel("time / dense bf16 time (log)")
+    ax.set_title(
+        f"{first['K']}x{first['N']} layer, {results[0]['env']['device_name']}, "
+        f"{results[0]['env']['torch_threads']} thread(s), group {results[0]['group_size']}"
+    )
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -9,7 +9,16 @@ device synchronized around every timed region.
   produces B tokens). ``tokens_per_s``: B * gen_len / decode time.
 - ``peak_mem_mb``: memory the runs add on top of the loaded weights (KV cache, activations, dequantized
   temporaries): CUDA max allocated, or the peak RSS growth on the CPU.
-- ``backend``: what the quantized Linears ran on (Triton gemv/gemm or the torch reference).
+- ``backend``: what the quantized Linears ran on (Triton gemv/gemm, the CPU int4 kernel, or the torch
+  reference).
+
+Roles, all timed alternately run by run in one process: ``baseline`` (the unquantized model, fp32 on the
+CPU) and ``model`` (the checkpoint through ``gptqlab.load`` with its defaults). On the CPU also:
+``baseline-bf16`` (the baseline in bf16), ``model-bf16`` (the checkpoint loaded with
+``dtype=torch.bfloat16``) and, where GPTQModel is installed, ``gptqmodel`` (the same checkpoint through
+``GPTQModel.load(device="cpu")``, its default kernel). ``decode_vs_<role>`` is that role's decode time
+over ours; ``memory`` holds each load's RSS growth and, for gptqlab checkpoints, the bytes the quantized
+layers hold against the same layers in bf16.
 """
 
 from __future__ import annotations
@@ -234,10 +243,12 @@ def run(
     loads = [("baseline", baseline, None), ("model", model, None)]
     if on_cpu and baseline is not None:
         loads.insert(1, ("baseline-bf16", baseline, torch.bfloat16))
+    if on_cpu:  # the same checkpoint with bf16 activations and unquantized weights (dtype=torch.bfloat16)
+        loads.append(("model-bf16", model, torch.bfloat16))
     models, memory = {}, {}
     for role, path, dtype in loads:
-        if path is None:
-            continue
+        if path is None or (role == "model-bf16" and memory["model"]["layers"] is None):
+            continue  # model-bf16 only for a GPTQ checkpoint
         before = rss_mb()
         m = load(path, device=str(dev), backend=backend, dtype=dtype, threads=threads)
         memory[role] = {"rss_growth_mb": rss_mb() - before, "layers": quantized_layer_memory(m)}
@@ -268,11 +279,12 @@ def run(
             rows.append(row)
     by_role = {(r["role"], r["batch_size"]): r for r in rows}
     for r in rows:
-        b = by_role.get(("baseline", r["batch_size"])) if r["role"] == "model" else None
+        ours = r["role"] in ("model", "model-bf16")
+        b = by_role.get(("baseline", r["batch_size"])) if ours else None
         r["decode_speedup"] = b["decode_ms_per_token"] / r["decode_ms_per_token"] if b else None
         r["prefill_speedup"] = b["prefill_ms"] / r["prefill_ms"] if b else None
         for other in ("baseline-bf16", "gptqmodel"):
-            o = by_role.get((other, r["batch_size"])) if r["role"] == "model" else None
+            o = by_role.get((other, r["batch_size"])) if ours else None
             r[f"decode_vs_{other}"] = o["decode_ms_per_token"] / r["decode_ms_per_token"] if o else None
 
     print(env_line(env))
@@ -296,4 +308,59 @@ def run(
         print(f"wrote {write_json(json_path, result)}")
     del models
     gc.collect()
+    return result
+
+
+def thread_sweep(
+    model: str,
+    thread_counts: tuple[int, ...] = (1, 2),
+    prompt_len: int = 32,
+    gen_len: int = 16,
+    repeats: int = 5,
+    json_path: str | None = None,
+) -> dict:
+    """Greedy decode at batch 1 of one model on the CPU at each thread count, alternating the counts run by
+    run in one process (the evidence behind ``gptqlab.loader.CPU_THREADS``); prints and returns the rows."""
+    from gptqlab.loader import load
+
+    dev = torch.device("cpu")
+    m = load(model, device="cpu", threads=thread_counts[0])
+    ids = torch.randint(3, m.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    runs: dict[int, list[tuple[float, float]]] = {t: [] for t in thread_counts}
+    for t in thread_counts:
+        torch.set_num_threads(t)
+        _generate(m, ids, gen_len, dev)  # warm-up
+    for _ in range(repeats):
+        for t in thread_counts:
+            torch.set_num_threads(t)
+            runs[t].append(_generate(m, ids, gen_len, dev))
+    rows = []
+    for t, timed in runs.items():
+        decode = statistics.median(r[1] for r in timed)
+        prefill = statistics.median(r[0] for r in timed)
+        rows.append(
+            {
+                "threads": t,
+                "prefill_ms": prefill * 1e3,
+                "decode_ms_per_token": decode * 1e3 / gen_len,
+                "tokens_per_s": gen_len / decode,
+            }
+        )
+    env = environment(dev)
+    print(env_line(env))
+    headers = ["threads", "prefill ms", "decode ms/tok", "tok/s"]
+    print(
+        table(headers, [[r[k] for k in ("threads", "prefill_ms", "decode_ms_per_token", "tokens_per_s")] for r in rows])
+    )
+    result = {
+        "env": env,
+        "model": model,
+        "backend": backend_summary(m, [1], prompt_len),
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "repeats": repeats,
+        "rows": rows,
+    }
+    if json_path is not None:
+        print(f"wrote {write_json(json_path, result)}")
     return result

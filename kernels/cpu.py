@@ -43,12 +43,14 @@ BLOCK_N = 64
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 """Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts, largest first."""
 
-DENSE_MIN_ROWS = 512
+DENSE_MIN_ROWS = 160
 """From this many activation rows on, dequantize tiles to bf16 and use a dense matmul (oneDNN, AMX where
-the CPU has it) instead of the int4 kernel. Measured with one thread at 4096x4096 on the 2-core AMX Xeon
-by ``gptqlab bench kernels --device cpu`` (rows "int4" and "dense-tile" in
-benchmarks/results/cpu-2core/kernels-cpu-7b.json): the int4 kernel costs about linearly in M, the tile
-path a fixed dequantization plus a cheap AMX matmul."""
+the CPU has it) instead of the int4 kernel. Measured with one thread at 4096x4096, 4-bit, on the 2-core
+AMX Xeon (``gptqlab bench kernels --device cpu --shapes 4096x4096 --shrink 1 --bits 4 --batches
+1,16,128,192,256``, rows "gptqlab-int4" and "gptqlab-dense-tile" of
+benchmarks/results/cpu-2core/kernels-cpu-7b-w4.json): the int4 kernel's time grows linearly with M
+(0.45 ms per row there), the tile path costs a fixed dequantization (~50 ms) plus a cheap AMX matmul.
+The two tied at M = 128 (57.2 and 57.4 ms); at M = 192 the tile path was 1.42x faster, at 256 1.67x."""
 
 TILE_COLUMNS = 512
 """Columns dequantized at a time on the dense path: a [K, 512] bf16 tile is 4 MiB at K = 4096, so no
@@ -216,6 +218,8 @@ def matmul(
     k = x.shape[-1]
     n = weight.shape[1]
     x2 = x.reshape(-1, k).to(_DTYPE)  # [M, K]
+    if scale_zeros.dtype != _DTYPE:  # a module cast (model.half()) converted the buffer; the kernel needs bf16
+        scale_zeros = scale_zeros.to(_DTYPE)
     path = path or path_for(x2.shape[0], n)
     if path == "int4":
         out = _int4_matmul(x2, weight, scale_zeros, group)

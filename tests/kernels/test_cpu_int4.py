@@ -148,3 +148,14 @@ def test_fallback_logs_the_reason_once_and_stays_correct(caplog, change, reason)
     x = torch.randn(3, k)
     want = reference.matmul(x, layer.qweight(), layer.zeros, layer.scales, layer.g_idx, 4, layer.bias.float())
     torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_module_cast_keeps_the_kernel_working():
+    layer = make_layer(4, K, N, 128)
+    lin = _load(layer)
+    x = torch.randn(3, K)
+    want = lin(x)
+    lin.half()  # casts the floating buffers (scale_zeros to fp16, bias); the kernel still gets bf16
+    assert lin.cpu_scale_zeros.dtype == torch.float16
+    got = lin(x.half())
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
