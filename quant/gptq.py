@@ -80,7 +80,9 @@ class HessianFactor:
         m = K - i1
         E = torch.zeros(b, m, dtype=self.L.dtype, device=self.L.device)
         E[:, m - b :].fill_diagonal_(1)
-        X = torch.linalg.solve_triangular(self.L[:m, :m], E, upper=False, left=False)
+        # Xᵀ from Lᵀ Xᵀ = Eᵀ: L is factored in place (row-major), so Lᵀ is the column-major matrix LAPACK
+        # reads without a copy.
+        X = torch.linalg.solve_triangular(self.L[:m, :m].t(), E.t(), upper=True).t()
         return X.flip(0, 1)
 
 
