@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -501,8 +502,47 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def markdown(report: dict) -> str:
+    """The selected configs as a Markdown table (H200 columns: the config selected for the H200)."""
+    meta, rows = report["meta"], report["rows"]
+    h200 = {(r["kernel"], r["M"], r["shape"]): r for r in rows if r["selected_h200"]}
+    lines = [
+        f"# Static sm_90 report: {meta['bits']}-bit, group {meta['group_size']}, fp16 activations",
+        "",
+        f"{meta['date']} | commit {meta['commit']} | triton {meta['triton']} | compiled for sm_90 on a CPU "
+        "(no GPU). **Times and speedups are predictions** of the model in "
+        "`gptqlab/benchmarks/kernel_static.py`; `make gpu-check` measures them.",
+        "",
+        f"Launches per call (counted under the interpreter): {meta['launches_per_call']}",
+        "",
+        "| kernel | M | layer (K x N) | config (H100) | regs | spill | SASS instr / weight | predicted us H100 "
+        "| predicted x fp16 H100 | predicted HBM H100 | bound | predicted x fp16 H200 | HBM H200 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["selected"]):
+        o = h200[r["kernel"], r["M"], r["shape"]]
+        lines.append(
+            f"| {r['kernel']} | {r['M']} | {r['shape']} | {r['config']} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['instructions_per_weight']:.2f} | {r['predicted_us_h100']:.1f} | "
+            f"{r['predicted_speedup_vs_fp16_h100']:.2f} | {r['predicted_hbm_fraction_h100']:.0%} | "
+            f"{r['predicted_bound_h100']} | {o['predicted_speedup_vs_fp16_h200']:.2f} | "
+            f"{o['predicted_hbm_fraction_h200']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return run.stdout.strip() or "unknown"
+
+
 def run(json_path: Path, sass_dir: Path, small: bool, bits: int, group_size: int) -> dict:
-    """Build the report, write JSON and the SASS files, print the selected rows; return the report."""
+    """Build the report, write JSON (and a Markdown table of the selected configs beside it) and the SASS
+    files, print the selected rows; return the report."""
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     import triton
@@ -521,6 +561,10 @@ def run(json_path: Path, sass_dir: Path, small: bool, bits: int, group_size: int
     report = {
         "meta": {
             "what": "static sm_90 compile of the gptqlab Triton kernels; predicted_* fields are model predictions",
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _commit(),
+            "bits": bits,
+            "group_size": group_size,
             "triton": triton.__version__,
             "target": "sm_90 (ptxas and cuobjdump from triton's wheel)",
             "small": small,
@@ -539,9 +583,10 @@ def run(json_path: Path, sass_dir: Path, small: bool, bits: int, group_size: int
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
+    json_path.with_suffix(".md").write_text(markdown(report))
     print("\n".join(summary(rows)))
     print(f"launches per call (interpreter count): {launches}")
-    print(f"wrote {json_path} and {len({r['sass_file'] for r in rows})} SASS files under {sass_dir}")
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')} and {len({r['sass_file'] for r in rows})} SASS files")
     return report
 
 

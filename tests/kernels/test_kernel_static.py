@@ -31,6 +31,7 @@ def report(tmp_path_factory) -> dict:
     data = json.loads((out / "r.json").read_text())
     data["sass_dir"] = out / "sass"
     data["stdout"] = run.stdout
+    data["markdown"] = (out / "r.md").read_text()
     return data
 
 
@@ -72,6 +73,8 @@ def test_no_gemv_config_spills(report):
 @needs_triton
 def test_summary_marks_predictions(report):
     assert "pred x fp16 H100" in report["stdout"] and "launches per call" in report["stdout"]
+    table = report["markdown"]
+    assert "**Times and speedups are predictions**" in table and table.count("| gemv |") == 2
 
 
 # -- the model, without compiling --------------------------------------------------------------------------
