@@ -193,15 +193,32 @@ def gptqmodel_cpu_layers(qweight, zeros, scales, bits: int, group_size: int) -> 
     return layers
 
 
+def last_level_cache_bytes() -> int:
+    """The CPU's last-level cache size from sysfs (Linux), else 64 MiB."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"), reverse=True):
+        size = (index / "size").read_text().strip() if (index / "size").is_file() else ""
+        if size[:-1].isdigit():
+            return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+    return 64 << 20
+
+
 def _round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(median, fastest) seconds per call of each callable, calling them in turn for ``rounds`` rounds."""
+    """(median, fastest) seconds per call of each callable, calling them in turn for ``rounds`` rounds.
+
+    Before every timed call a buffer of twice the last-level cache is overwritten, so that each kernel
+    reads its weight from DRAM, as in a model whose weights exceed the cache, and none profits from the
+    previous kernel having touched the same packed weight. Round r starts at kernel r (rotation), so no
+    kernel always follows the same neighbour."""
+    flush = torch.empty(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
     times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
     for fn in calls.values():
         fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in calls.items():
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            flush.fill_(r)
             start = time.perf_counter()
-            fn()
+            calls[name]()
             times[name].append(time.perf_counter() - start)
     return {n: statistics.median(t) for n, t in times.items()}, {n: min(t) for n, t in times.items()}
 
@@ -209,8 +226,8 @@ def _round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[d
 @torch.no_grad()
 def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats: int) -> list[dict]:
     """Rows for one (K, N, M, bits) on the CPU: every kernel of the module docstring, timed round-robin
-    (``repeats`` rounds of one call each, so that load from other processes hits all kernels alike; the
-    median is reported, and the fastest call as ``best_us``).
+    (``repeats`` rounds of one call each, so that load from other processes hits all kernels alike, with
+    the cache flushed before each call; the median is reported, and the fastest call as ``best_us``).
 
     Each row has ``us`` (median per call), ``vs_fp32`` and ``vs_bf16`` (dense time / this time) and
     ``rel_err`` (relative Frobenius error of the output against the exact fp32 reference, from which a

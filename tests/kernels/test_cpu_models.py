@@ -78,3 +78,23 @@ def test_every_checkpoint_kind_runs_on_the_fast_path(tiny_models, tmp_path, arch
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert _rel_err(fast(ids).logits, ref(ids).logits) < 1e-2
+
+
+def test_load_sets_the_thread_count(embedded_ckpts, monkeypatch):
+    from gptqlab import loader
+    from gptqlab.errors import GptqlabError
+
+    before = torch.get_num_threads()
+    try:
+        loader.load(str(embedded_ckpts["tiny-zh-bloom"]), device="cpu", threads=2)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(loader.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+        assert loader.default_cpu_threads() == loader.CPU_THREADS == 1
+        loader.load(str(embedded_ckpts["tiny-zh-bloom"]), device="cpu")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(loader.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+        assert loader.default_cpu_threads() is None  # torch's default is kept on larger machines
+        with pytest.raises(GptqlabError, match="threads must be at least 1"):
+            loader.load(str(embedded_ckpts["tiny-zh-bloom"]), device="cpu", threads=0)
+    finally:
+        torch.set_num_threads(before)
