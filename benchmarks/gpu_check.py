@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gptqlab.errors import GptqlabError
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_7B = {"llama q/k/v/o 4096x4096": (4096, 4096), "llama gate/up 4096x11008": (4096, 11008)}
 LLAMA_7B |= {"llama down 11008x4096": (11008, 4096)}
@@ -596,7 +598,7 @@ def run(dry_run: bool, out_dir: Path | None, steps: list[str]) -> tuple[dict, Pa
     import triton
 
     if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_check needs a CUDA GPU; use --dry-run to run the plumbing on the CPU")
+        raise GptqlabError("gpu_check needs a CUDA GPU; use --dry-run to run the plumbing on the CPU")
     ctx = Context(dry_run=dry_run, device="cpu" if dry_run else "cuda", started=time.time())
     name = "cpu-interpreter" if dry_run else torch.cuda.get_device_name()
     peak = None if dry_run else hbm_peak(name)
@@ -661,7 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", nargs="+", choices=STEPS, default=STEPS, help="steps to run (default: all, in order)"
     )
     args = parser.parse_args(argv)
-    report, out_dir = run(args.dry_run, args.out_dir, args.steps)
+    try:
+        report, out_dir = run(args.dry_run, args.out_dir, args.steps)
+    except GptqlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(markdown(report))
     print(f"wrote {out_dir / 'gpu_check.json'} and {out_dir / 'gpu_check.md'}")
     failed = [r for r in _rows(report, "correctness") if not r["ok"]]

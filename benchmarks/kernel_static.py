@@ -604,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=4, choices=[2, 4, 8], help="weight bits (default 4)")
     parser.add_argument("--group-size", type=int, default=128, help="rows per group, -1 for one (default 128)")
     args = parser.parse_args(argv)
+    if args.group_size != -1 and (args.group_size <= 0 or args.group_size % (32 // args.bits)):
+        print(f"error: --group-size must be -1 or a positive multiple of {32 // args.bits}, got {args.group_size}")
+        return 2
     run(args.json, args.sass_dir, args.small, args.bits, args.group_size)
     return 0
 

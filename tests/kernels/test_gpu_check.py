@@ -69,3 +69,16 @@ def test_markdown_reports_skipped_steps_without_failing():
     text = markdown(report)
     assert "Skipped for time: correctness, quantize" in text and "- decode: RuntimeError: boom" in text
     assert "| s | 1 |" not in text
+
+
+def test_without_a_gpu_the_full_check_is_a_one_line_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cmd = [sys.executable, "-m", "gptqlab.benchmarks.gpu_check"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: gpu_check needs a CUDA GPU; use --dry-run to run the plumbing on the CPU"
+    )

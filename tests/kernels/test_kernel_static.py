@@ -137,3 +137,9 @@ def test_occupancy_and_prediction_arithmetic():
     # ten times the loop instructions make the same config issue bound and slower
     slow = ks.predict(h100, {**row, "loop_instructions": 6000})
     assert slow["bound"] == "issue" and slow["us"] > 2 * p["us"]
+
+
+def test_bad_group_size_is_a_one_line_error(tmp_path, capsys):
+    assert ks.main(["--json", str(tmp_path / "r.json"), "--sass-dir", str(tmp_path), "--group-size", "12"]) == 2
+    assert capsys.readouterr().out.strip() == "error: --group-size must be -1 or a positive multiple of 8, got 12"
+    assert not (tmp_path / "r.json").exists()
