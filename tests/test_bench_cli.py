@@ -9,6 +9,7 @@ tests/quant asserts directly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -93,20 +94,31 @@ def test_bench_latency_side_by_side(tiny_models, quantized_llama, tmp_path, caps
     result = read_json(path)
     assert ENV_KEYS <= set(result["env"])
     rows = result["rows"]
-    expected = [("baseline", 1), ("model", 1), ("baseline", 2), ("model", 2)]
-    assert [(r["role"], r["batch_size"]) for r in rows] == expected
+    roles = ["baseline", "baseline-bf16", "model", "model-bf16"]
+    if importlib.util.find_spec("gptqmodel") is not None:
+        roles.append("gptqmodel")  # the same checkpoint through GPTQModel, alternated in the same runs
+    assert [(r["role"], r["batch_size"]) for r in rows] == [(role, b) for b in (1, 2) for role in roles]
     for r in rows:
         assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_mem_mb"] >= 0
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["decode_ms_per_token"])
-    model_rows = [r for r in rows if r["role"] == "model"]
-    assert all("torch reference" in r["backend"] and "3-bit" in r["backend"] for r in model_rows)
-    assert all(r["backend"].startswith("dense") for r in rows if r["role"] == "baseline")
-    for r in model_rows:
-        base = next(b for b in rows if b["role"] == "baseline" and b["batch_size"] == r["batch_size"])
-        assert r["decode_speedup"] == pytest.approx(base["decode_ms_per_token"] / r["decode_ms_per_token"])
-        assert r["weights_mb"] < base["weights_mb"]  # packed 3-bit weights are smaller than fp32 ones
+    by = {(r["role"], r["batch_size"]): r for r in rows}
+    for b in (1, 2):
+        assert by[("baseline", b)]["backend"] == "dense (torch nn.Linear, float32)"
+        assert by[("baseline-bf16", b)]["backend"] == "dense (torch nn.Linear, bfloat16)"
+        for role in ("model", "model-bf16"):
+            r = by[(role, b)]
+            assert "14 QuantLinear, 3-bit" in r["backend"]
+            assert r["decode_speedup"] == pytest.approx(
+                by[("baseline", b)]["decode_ms_per_token"] / r["decode_ms_per_token"]
+            )
+            for other in roles[1:]:
+                if other not in ("model", "model-bf16"):
+                    want = by[(other, b)]["decode_ms_per_token"] / r["decode_ms_per_token"]
+                    assert r[f"decode_vs_{other}"] == pytest.approx(want)
+            assert r["weights_mb"] < by[("baseline", b)]["weights_mb"]  # packed 3-bit layers beside fp32 ones
+            assert r["layers"]["quantized_layers_mb"] < 0.35 * r["layers"]["bf16_mb"]  # 3 bits + scales vs 16
     out = capsys.readouterr().out
-    assert "torch reference" in out and "decode ms/tok" in out
+    assert "decode ms/tok" in out and ("x GPTQModel" in out) == ("gptqmodel" in roles)
 
 
 def test_bench_kernels_cpu_reports_missing_gpu_numbers(tmp_path, capsys):
@@ -115,12 +127,18 @@ def test_bench_kernels_cpu_reports_missing_gpu_numbers(tmp_path, capsys):
     assert run_cli([*argv, "--repeats", "2", "--device", "cpu", "--json", path]) == 0
     result = read_json(path)
     assert result["gpu_numbers_missing"] is True and result["peak_bandwidth_gbs"] is None
-    assert [(r["bits"], r["M"]) for r in result["rows"]] == [(4, 1), (4, 4), (3, 1), (3, 4)]
-    for r in result["rows"]:
-        assert (r["K"], r["N"], r["backend"], r["pct_peak_bw"]) == (128, 96, "torch", None)
-        assert r["us"] > 0 and r["dense_us"] > 0
-        assert r["tflops"] == pytest.approx(2 * r["M"] * 128 * 96 / r["us"] / 1e6)
-        assert r["speedup_vs_dense"] == pytest.approx(r["dense_us"] / r["us"])
+    rows = result["rows"]
+    assert [(b, m) for b, m in dict.fromkeys((r["bits"], r["M"]) for r in rows)] == [(4, 1), (4, 4), (3, 1), (3, 4)]
+    for bits, m in ((4, 1), (4, 4), (3, 1), (3, 4)):
+        point = {r["kernel"]: r for r in rows if (r["bits"], r["M"]) == (bits, m)}
+        assert {"dense-fp32", "dense-bf16", "gptqlab"} <= set(point)  # gptqlab's CPU path beside dense matmuls
+        fp32, bf16 = point["dense-fp32"], point["dense-bf16"]
+        for r in point.values():
+            assert (r["K"], r["N"], r["backend"], r["group_size"]) == (128, 96, "cpu", 32)
+            assert r["us"] > 0 and r["tflops"] == pytest.approx(2 * m * 128 * 96 / r["us"] / 1e6)
+            assert r["vs_fp32"] == pytest.approx(fp32["us"] / r["us"])  # speedup over dense fp32, same run
+            assert r["vs_bf16"] == pytest.approx(bf16["us"] / r["us"])
+        assert fp32["rel_err"] == 0.0 and 0 < point["gptqlab"]["rel_err"] < 0.01  # bf16-scale rounding only
     out = capsys.readouterr().out
     assert "GPU numbers are missing" in out and "unknown" in out
 
