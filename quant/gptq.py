@@ -171,7 +171,7 @@ def gptq(
     else:
         Wt = torch.empty(K, N, device=dev)
         Wt.copy_(W.t()).masked_fill_(dead[:, None], 0)
-    qf = torch.empty(K, N, device=dev)  # float codes, processing order
+    codes_t = torch.empty(K, N, dtype=torch.uint8, device=dev)  # codes, processing order
     scales_t = torch.empty(G, N, device=dev)  # one row per group
     zeros_t = torch.empty(G, N, device=dev)
     if cfg.static_groups:
@@ -200,20 +200,21 @@ def gptq(
             scales_t[first // gs : first // gs + ng] = s.reshape(ng, N)
             zeros_t[first // gs : first // gs + ng] = z.reshape(ng, N)
         with _small_ops(dev):
-            _solve_block(Wt, qf, Err, U, i1, i2, gs, inner_block, scales_t, zeros_t, col_group, cfg)
+            _solve_block(Wt, codes_t, Err, U, i1, i2, gs, inner_block, scales_t, zeros_t, col_group, cfg)
         if i2 < K:
             Wt[i2:].addmm_(U[:, i2 - i1 :].t(), Err, alpha=-1)
         err_sq += Err.square().sum(dtype=torch.float64)
         del U, Err
-    del Wt
 
+    # Wt now holds the dequantized weights (each column was overwritten once it was quantized).
     inv = torch.argsort(perm)
-    codes = (qf.index_select(0, inv) if cfg.desc_act else qf).t().to(torch.uint8)
-    del qf
+    codes = (codes_t.index_select(0, inv) if cfg.desc_act else codes_t).t().contiguous()
+    del codes_t
+    Q = (Wt.index_select(0, inv) if cfg.desc_act else Wt).t().contiguous()
+    del Wt
     g_idx = (col_group.index_select(0, inv) if cfg.desc_act else col_group).to(torch.int32)
     scales = scales_t.t().contiguous()
     zeros = zeros_t.t().to(torch.int32).contiguous()
-    Q = dequantize_codes(codes, scales, zeros, g_idx)
     # The loss without another N·K² product: the updates make W - Q = Err U (processing order) and
     # U (H + λI) Uᵀ = I, so tr((W - Q)(H + λI)(W - Q)ᵀ) = Σ ||err_j||². Dead inputs add nothing (their rows
     # of H are 0 and their W - Q is 0). Equals weighted_error to float32 rounding (tests/quant/).
@@ -221,13 +222,14 @@ def gptq(
     for r in range(0, N, 1024):  # ||W - Q||², a row chunk at a time
         d_sq += (W[r : r + 1024].float().masked_fill(dead, 0) - Q[r : r + 1024]).square().sum(dtype=torch.float64)
     loss = float(err_sq - factor.lam * d_sq)
-    return QuantResult(codes.contiguous(), scales, zeros, g_idx, Q, loss, factor.damp)
+    return QuantResult(codes, scales, zeros, g_idx, Q, loss, factor.damp)
 
 
-def _solve_block(Wt, qf, Err, U, i1: int, i2: int, gs: int, inner_block: int, scales_t, zeros_t, col_group, cfg):
-    """Quantize the columns [i1, i2) of Wt [K, N] in place: float codes into qf [K, N], scaled errors into
-    Err [i2 - i1, N]. U is U[i1:i2, i1:]; scales_t, zeros_t [G, N]; col_group [K]. Columns past i2 are not
-    touched."""
+def _solve_block(Wt, codes_t, Err, U, i1: int, i2: int, gs: int, inner_block: int, scales_t, zeros_t, col_group, cfg):
+    """Quantize the columns [i1, i2) of Wt [K, N] in place: codes into codes_t [K, N] (uint8), scaled errors
+    into Err [i2 - i1, N], and each quantized column of Wt replaced by its dequantized value (the algorithm
+    never reads it again). U is U[i1:i2, i1:]; scales_t, zeros_t [G, N]; col_group [K]. Columns past i2 are
+    not touched."""
     N = Wt.shape[1]
     chunks = _chunks(i1, i2, inner_block, gs)
     for c1, c2 in chunks:
@@ -239,10 +241,12 @@ def _solve_block(Wt, qf, Err, U, i1: int, i2: int, gs: int, inner_block: int, sc
         for j in range(a1, a2):
             w = Wt[i1 + j]  # [N], with the feedback of every earlier column
             q = quantize(w, S[j - a1], Z[j - a1], cfg.maxq)
-            qf[i1 + j] = q
+            codes_t[i1 + j] = q
+            dq = dequantize(q, S[j - a1], Z[j - a1])
             e = Err[j]
-            torch.sub(w, dequantize(q, S[j - a1], Z[j - a1]), out=e)
+            torch.sub(w, dq, out=e)
             e.div_(U[j, j])
+            w.copy_(dq)
             if j + 1 < a2:
                 Wt[i1 + j + 1 : c2].addr_(U[j, j + 1 : a2], e, alpha=-1)
         if a2 < i2 - i1:
