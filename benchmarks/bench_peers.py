@@ -7,6 +7,12 @@ child process (:mod:`gptqlab.benchmarks.quantize_worker`), so wall time and peak
 Every checkpoint, GPTQModel's included, is loaded with :func:`gptqlab.load` and scored by
 :func:`gptqlab.benchmarks.eval_ppl.score` on the same held-out texts.
 
+A model named ``random-llama-H`` (H = 2048 or 4096: a 2-layer LLaMA of that hidden size, intermediate
+size 11008·H/4096, random weights, built in the work folder) is for time and memory only: gptqlab GPTQ
+and GPTQModel quantize it ``speed_repeats`` times each, alternating, on ``speed_nsamples`` x ``speed_seqlen``
+tokens with the first setting; the speed table reports the medians. Random weights say nothing about
+quality, so these models get no perplexity rows.
+
 A second table shows the calibration domain effect: gptqlab GPTQ calibrated on news (peoples-daily),
 reviews and a 50/50 mix (or the ``LABEL=SPEC`` sources given), evaluated on both held-out splits.
 
@@ -14,7 +20,9 @@ Targets, checked and printed in the same run, per model, setting and evaluation 
 
 1. gptqlab GPTQ perplexity ≤ GPTQModel's (within 0.5 % counts as a tie).
 2. gptqlab GPTQ's perplexity rise over fp16 ≤ half of RTN's.
-3. gptqlab GPTQ's quantize wall time ≤ 0.5 × GPTQModel's (per model and setting).
+3. gptqlab GPTQ's quantize wall time ≤ 0.5 × GPTQModel's (per model and setting; for a random-llama model
+   the median over the alternating repeats).
+4. On a random-llama model, gptqlab's peak RSS ≤ GPTQModel's (medians).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ from gptqlab.calib import load_calibration
 from gptqlab.errors import ConfigError, GptqlabError
 from gptqlab.resolve import resolve_device
 
-DEFAULT_MODELS = ("tiny-zh-llama", "tiny-zh-bloom")
+DEFAULT_MODELS = ("tiny-zh-llama", "tiny-zh-bloom", "random-llama-2048")
+SPEED_MODEL = re.compile(r"random-llama-(2048|4096)")
 DEFAULT_SETTINGS = ("w4g128", "w4g128-act", "w3g128", "w8g128")
 DEFAULT_DATASETS = ("peoples-daily-heldout", "reviews-heldout")
 TOOLS = {"gptqlab-gptq": ("gptqlab", "gptq"), "gptqlab-rtn": ("gptqlab", "rtn"), "gptqmodel": ("gptqmodel", "gptq")}
@@ -97,6 +106,9 @@ class PeersOptions:
     domain_calibs: list[str] = field(default_factory=lambda: list(DEFAULT_DOMAIN_CALIBS))
     domain_bits: int = 3
     domain_group_size: int = 128
+    speed_nsamples: int = 16
+    speed_seqlen: int = 256
+    speed_repeats: int = 2
     device: str = "cpu"
     threads: int | None = None
     work_dir: str | None = None
@@ -126,6 +138,9 @@ class PeersOptions:
             ("--max-chars", self.max_chars),
             ("--batch-size", self.batch_size),
             ("--threads", self.threads),
+            ("--speed-nsamples", self.speed_nsamples),
+            ("--speed-seqlen", self.speed_seqlen),
+            ("--speed-repeats", self.speed_repeats),
         ):
             check_positive(value, flag)
         if not 0 < self.damp_percent < 1:
@@ -146,7 +161,9 @@ class Runner:
         self.calibrations: dict[tuple[str, str], tuple[str, float]] = {}
         self.step = 0
 
-    def calibration(self, model_dir: Path, calib: str) -> tuple[str, float]:
+    def calibration(
+        self, model_dir: Path, calib: str, nsamples: int | None = None, seqlen: int | None = None
+    ) -> tuple[str, float]:
         """SHA-256 of the calibration tokens every quantizer of ``model_dir`` gets for ``calib``, and the
         seconds it takes to draw them; gptqlab's pipeline draws exactly these (same function, arguments
         and seed), GPTQModel's child draws them too and reports its hash, which must agree."""
@@ -154,19 +171,32 @@ class Runner:
 
         from gptqlab.benchmarks.quantize_worker import tokens_sha256
 
-        key = (str(model_dir), calib)
+        nsamples, seqlen = nsamples or self.opts.nsamples, seqlen or self.opts.seqlen
+        key = (str(model_dir), calib, nsamples, seqlen)
         if key not in self.calibrations:
             start = time.perf_counter()
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            ids = load_calibration(calib, tokenizer, self.opts.nsamples, self.opts.seqlen, self.opts.seed)
+            ids = load_calibration(calib, tokenizer, nsamples, seqlen, self.opts.seed)
             self.calibrations[key] = (tokens_sha256(ids.input_ids), time.perf_counter() - start)
         return self.calibrations[key]
 
-    def quantize(self, model_dir: Path, label: str, tool: str, setting: Setting, calib: str) -> dict:
-        """Run one quantizer in a child process (once per distinct job); returns its result dict."""
+    def quantize(
+        self,
+        model_dir: Path,
+        label: str,
+        tool: str,
+        setting: Setting,
+        calib: str,
+        nsamples: int | None = None,
+        seqlen: int | None = None,
+        repeat: int | None = None,
+    ) -> dict:
+        """Run one quantizer in a child process (once per distinct job); returns its result dict.
+        nsamples, seqlen: instead of the options'; repeat: a run number, to run the same job again."""
         name, method = TOOLS[tool]
+        nsamples, seqlen = nsamples or self.opts.nsamples, seqlen or self.opts.seqlen
         slug = re.sub(r"[^a-z0-9]+", "-", calib.lower()).strip("-")
-        out = self.work / f"{label}.{tool}.{setting.name}.{slug}"
+        out = self.work / f"{label}.{tool}.{setting.name}.{slug}{'' if repeat is None else f'.run{repeat}'}"
         if str(out) in self.runs:
             return self.runs[str(out)]
         job = Job(
@@ -179,8 +209,8 @@ class Runner:
             act_order=setting.act_order,
             damp_percent=self.opts.damp_percent,
             calib=calib,
-            nsamples=self.opts.nsamples,
-            seqlen=self.opts.seqlen,
+            nsamples=nsamples,
+            seqlen=seqlen,
             seed=self.opts.seed,
             device=self.opts.device,
             scratch=str(self.work),
@@ -198,11 +228,12 @@ class Runner:
             last = " | ".join([line for line in tail if line][-2:])[-400:]
             raise GptqlabError(f"{tool} failed on {label} {setting.name} (exit {done.returncode}): {last}")
         result = json.loads(result_file.read_text(encoding="utf-8"))
-        sha, seconds = self.calibration(model_dir, calib)
+        sha, seconds = self.calibration(model_dir, calib, nsamples, seqlen)
         if result.setdefault("calib_sha256", sha) != sha:
             raise GptqlabError(f"{tool} was given other calibration tokens than gptqlab for {label} ({calib})")
         result.setdefault("calib_seconds", seconds)
         result.update(tool=tool, model=label, setting=setting.name, out=str(out), size_mb=folder_size_mb(out))
+        result.update(repeat=repeat, nsamples=nsamples, seqlen=seqlen)
         self.runs[str(out)] = result
         self.step += 1
         print(
@@ -316,6 +347,87 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def speed_summary(speed: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(one row per random-llama model and tool with median seconds and peak RSS, targets 3 and 4)."""
+    from statistics import median
+
+    summary, targets = [], []
+    for model in dict.fromkeys(r["model"] for r in speed):
+        med = {}
+        for tool in dict.fromkeys(r["tool"] for r in speed if r["model"] == model):
+            runs = [r for r in speed if r["model"] == model and r["tool"] == tool]
+            med[tool] = {
+                "model": model,
+                "tool": tool,
+                "setting": runs[0]["setting"],
+                "tokens": f"{runs[0]['nsamples']}x{runs[0]['seqlen']}",
+                "runs": len(runs),
+                "seconds": median(r["seconds"] for r in runs),
+                "seconds_each": [r["seconds"] for r in runs],
+                "peak_rss_mb": median(r["peak_rss_mb"] for r in runs),
+                "start_rss_mb": median(r["start_rss_mb"] for r in runs),
+            }
+            summary.append(med[tool])
+        ours, theirs = med.get("gptqlab-gptq"), med.get("gptqmodel")
+        if ours and theirs:
+            ratio = ours["seconds"] / theirs["seconds"]
+            rss = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+            common = {"model": model, "setting": ours["setting"], "dataset": None}
+            targets.append(
+                {
+                    "target": "quantize time <= 0.5x GPTQModel",
+                    **common,
+                    "gptqlab_seconds": ours["seconds"],
+                    "gptqmodel_seconds": theirs["seconds"],
+                    "detail": f"median of {ours['runs']} alternating runs, {ours['tokens']} tokens: gptqlab "
+                    f"{ours['seconds']:.1f} s vs GPTQModel {theirs['seconds']:.1f} s ({ratio:.2f}x)",
+                    "status": "PASS" if ratio <= 0.5 else "MISS",
+                }
+            )
+            targets.append(
+                {
+                    "target": "peak RSS <= GPTQModel",
+                    **common,
+                    "gptqlab_peak_rss_mb": ours["peak_rss_mb"],
+                    "gptqmodel_peak_rss_mb": theirs["peak_rss_mb"],
+                    "detail": f"gptqlab {ours['peak_rss_mb']:.0f} MB vs GPTQModel {theirs['peak_rss_mb']:.0f} MB "
+                    f"({rss:.2f}x)",
+                    "status": "PASS" if rss <= 1 else "MISS",
+                }
+            )
+    return summary, targets
+
+
+def speed_table(summary: list[dict]) -> str:
+    return table(
+        ["model", "setting", "tool", "tokens", "runs", "median s", "each s", "peak RSS MB"],
+        [
+            [
+                r["model"],
+                r["setting"],
+                r["tool"],
+                r["tokens"],
+                r["runs"],
+                r["seconds"],
+                " ".join(f"{x:.1f}" for x in r["seconds_each"]),
+                r["peak_rss_mb"],
+            ]
+            for r in summary
+        ],
+    )
+
+
+def write_speed_model(folder: Path, name: str) -> Path:
+    """Build ``random-llama-H`` (2 layers, hidden H) in ``folder`` once; returns its folder."""
+    from gptqlab.benchmarks.quantize_7b_layers import INTERMEDIATE, write_random_llama
+
+    hidden = int(SPEED_MODEL.fullmatch(name).group(1))
+    out = folder / name
+    if not (out / "config.json").is_file():
+        write_random_llama(out, 2, hidden=hidden, intermediate=INTERMEDIATE * hidden // 4096, heads=hidden // 128)
+    return out
+
+
 def short(dataset: str) -> str:
     return dataset.removesuffix("-heldout")
 
@@ -376,7 +488,8 @@ def run(opts: PeersOptions) -> dict:
     dev = resolve_device(opts.device)
     set_threads(opts.threads)  # the children get OMP_NUM_THREADS
     texts = eval_texts(opts.datasets, opts.max_chars)
-    models = [(model_label(m), resolve_model_dir(m).resolve()) for m in opts.models]
+    speed_models = [m for m in opts.models if SPEED_MODEL.fullmatch(m)]
+    models = [(model_label(m), resolve_model_dir(m).resolve()) for m in opts.models if m not in speed_models]
     for _, model_dir in models:
         check_context(str(model_dir), max(opts.seqlen, opts.eval_seqlen))
     env = environment(dev)
@@ -393,7 +506,26 @@ def run(opts: PeersOptions) -> dict:
     runner = Runner(opts, work, texts)
     rows: list[dict] = []
     domain: list[dict] = []
+    speed: list[dict] = []
     try:
+        speed_tools = [t for t in ("gptqlab-gptq", "gptqmodel") if t in opts.tools]
+        for name in speed_models:
+            print(f"{name}: building a random 2-layer model (time and memory only)", flush=True)
+            model_dir = write_speed_model(work, name)
+            for repeat in range(opts.speed_repeats):
+                for tool in speed_tools if repeat % 2 == 0 else speed_tools[::-1]:
+                    speed.append(
+                        runner.quantize(
+                            model_dir,
+                            name,
+                            tool,
+                            opts.parsed[0],
+                            opts.calib,
+                            opts.speed_nsamples,
+                            opts.speed_seqlen,
+                            repeat,
+                        )
+                    )
         for label, model_dir in models:
             for score in runner.evaluate(model_dir, label):
                 rows.append(_row(score, "fp16", "none", None, None, folder_size_mb(model_dir)))
@@ -426,9 +558,16 @@ def run(opts: PeersOptions) -> dict:
         if opts.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    targets = check_targets(rows)
-    print("\nquantizers (same calibration tokens and settings; every checkpoint scored by gptqlab.load + perplexity)")
-    print(peers_table(rows))
+    speed_rows, speed_targets = speed_summary(speed)
+    targets = check_targets(rows) + speed_targets
+    if rows:
+        print(
+            "\nquantizers (same calibration tokens and settings; every checkpoint scored by gptqlab.load + perplexity)"
+        )
+        print(peers_table(rows))
+    if speed_rows:
+        print("\ntime and memory on random models (alternating runs; medians)")
+        print(speed_table(speed_rows))
     if domain:
         print("\ncalibration domain (gptqlab GPTQ)")
         print(domain_table(domain))
@@ -445,6 +584,7 @@ def run(opts: PeersOptions) -> dict:
         "options": options,
         "rows": rows,
         "domain": domain,
+        "speed": speed_rows,
         "targets": targets,
         "runs": list(runner.runs.values()),
     }

@@ -32,8 +32,10 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]], 
 
 
 def plot_peers(result: dict, folder: Path) -> list[Path]:
-    """peers_ppl.png (perplexity by setting and tool, fp16 dashed), peers_cost.png (quantize time and
-    peak RSS), and domain.png when the result has a domain table. Returns the files written."""
+    """peers_ppl.png (perplexity by setting and tool, fp16 dashed) and peers_cost.png (quantize time and
+    peak RSS) when the result has perplexity rows, domain.png when it has a domain table, and
+    peers_speed.png (median time and peak RSS on the random models) when it has speed rows. Returns the
+    files written."""
     from gptqlab.benchmarks.bench_peers import short, tool_of
 
     plt = _pyplot()
@@ -44,7 +46,9 @@ def plot_peers(result: dict, folder: Path) -> list[Path]:
     settings = list(dict.fromkeys(r["setting"] for r in rows if r["tool"] != "fp16"))
     tools = [t for t in TOOL_ORDER if any(tool_of(r) == t for r in rows)]
     keyed = {(r["model"], r["setting"], tool_of(r), r["dataset"]): r for r in rows}
-    written = []
+    written = _plot_speed(plt, result.get("speed") or [], folder)
+    if not rows:
+        return written
 
     fig, axes = plt.subplots(len(models), len(datasets), figsize=(5 * len(datasets), 3.6 * len(models)), squeeze=False)
     for i, model in enumerate(models):
@@ -102,3 +106,23 @@ def plot_peers(result: dict, folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def _plot_speed(plt, speed: list[dict], folder: Path) -> list[Path]:
+    if not speed:
+        return []
+    models = list(dict.fromkeys(r["model"] for r in speed))
+    tools = [t for t in TOOL_ORDER if any(r["tool"] == t for r in speed)]
+    keyed = {(r["model"], r["tool"]): r for r in speed}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    for j, (key, label) in enumerate((("seconds", "median quantize wall time (s)"), ("peak_rss_mb", "peak RSS (MB)"))):
+        series = {t: [(keyed.get((m, t)) or {}).get(key) for m in models] for t in tools}
+        _grouped_bars(axes[0][j], models, series, COLORS)
+        axes[0][j].set_ylabel(label)
+        axes[0][j].set_title("random 2-layer LLaMA (time and memory only)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "peers_speed.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

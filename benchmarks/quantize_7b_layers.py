@@ -71,20 +71,27 @@ def write_tokenizer(folder: Path) -> int:
     return len(fast)
 
 
-def write_random_llama(folder: Path, layers: int, seed: int = 0) -> None:
-    """Config, tokenizer and random fp16 weights of a LLaMA-7B-shaped model with ``layers`` layers; one
-    safetensors shard per decoder layer plus one for the embeddings, norm and lm_head (peak memory: one
-    layer)."""
+def write_random_llama(
+    folder: Path,
+    layers: int,
+    seed: int = 0,
+    hidden: int = HIDDEN,
+    intermediate: int = INTERMEDIATE,
+    heads: int = HEADS,
+) -> None:
+    """Config, tokenizer and random fp16 weights of a LLaMA model with ``layers`` layers (LLaMA-7B widths by
+    default); one safetensors shard per decoder layer plus one for the embeddings, norm and lm_head (peak
+    memory: one layer)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(folder)
     config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         num_hidden_layers=layers,
         vocab_size=vocab,
         max_position_embeddings=TARGET_SEQLEN,
@@ -304,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         est = extrapolate(result, args.layers, args.nsamples, args.seqlen, dev.type == "cuda")
 
     done = est["block_done_seconds"]
-    steps = [[i, t, t - (done[i - 1] if i else est["setup_seconds"])] for i, t in enumerate(done)]
-    print(table(["block", "done at s", "seconds since previous"], steps))
+    parts = result.get("blocks") or [{}] * len(done)
+    steps = [
+        [i, t, t - (done[i - 1] if i else est["setup_seconds"]), p.get("forward"), p.get("hessian"), p.get("solve")]
+        for i, (t, p) in enumerate(zip(done, parts, strict=True))
+    ]
+    print(table(["block", "done at s", "seconds since previous", "forward s", "hessians s", "solve s"], steps))
     print(
         f"per layer {est['per_layer_seconds']:.1f} s (GPTQ solve {est['gptq_solve_per_layer_seconds']:.1f} s), "
         f"setup {est['setup_seconds']:.1f} s, assembly {est['assembly_seconds']:.1f} s, "
