@@ -24,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_model_dir(model: str) -> Path:
+def resolve_model_dir(model: str | os.PathLike) -> Path:
     """An embedded model name, a local folder, or a Hub id (downloaded through huggingface_hub).
 
     A local folder must hold config.json, and every file in it must be a regular file: a FIFO or a device
@@ -32,6 +32,7 @@ def resolve_model_dir(model: str) -> Path:
     from gptqlab.embedded import resolve_model
     from gptqlab.modelfiles import require_regular_files
 
+    model = os.fspath(model)
     if "\0" in model:
         raise GptqlabError(f"model path {model!r} contains a NUL character")
     resolved = resolve_model(model)

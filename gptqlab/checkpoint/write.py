@@ -148,9 +148,13 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
             raise GptqlabError(f"output {out} already exists; pass --overwrite to replace it")
         trash = out.parent / f".{out.name}.old"
         if trash.exists():
-            shutil.rmtree(trash)
+            shutil.rmtree(trash)  # an older copy left aside by a killed run; OUT itself is still in place
         os.replace(out, trash)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(trash, out)  # the old checkpoint goes back where it was
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, out)

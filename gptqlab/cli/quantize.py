@@ -98,7 +98,7 @@ def quantize(**values) -> None:
         for line in engine_warnings(opts):
             typer.echo(f"warning: {printable(line)}")  # stdout: stderr is kept for the one-line error
     path = run(opts)
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {printable(path)}")
 
 
 _PARAMS = parameters_of()

@@ -64,7 +64,9 @@ class QuantizeOptions:
     calib: str = option(
         "peoples-daily",
         "Calibration spec: comma-separated NAME[:ARG][:WEIGHT] items, e.g. "
-        "'peoples-daily:0.7,belle:data.jsonl:0.3'. Names: peoples-daily, reviews, belle:PATH, txt:PATH, hf:NAME.",
+        "'peoples-daily:0.7,belle:data.jsonl:0.3'. Names: peoples-daily, reviews, belle:PATH, txt:PATH, hf:NAME. "
+        "Files are read as a stream: a .txt line over 16,384 characters becomes several paragraphs, a .jsonl "
+        "record may hold at most 4,000,000 characters, a .json list is decoded whole (use .jsonl for big files).",
     )
     nsamples: int = option(128, "Number of calibration sequences.")
     seqlen: int | None = option(None, "Tokens per calibration sequence. Default: min(2048, the model's context).")
@@ -90,7 +92,11 @@ class QuantizeOptions:
     )
     max_shard_size: str = option("4GB", "Largest safetensors shard, e.g. 2GB or 500MB.")
     overwrite: bool = option(
-        False, "Replace OUT if it exists (only once the new checkpoint is complete). Default: off.", "--overwrite"
+        False,
+        "Replace OUT if it exists: the old one is moved aside and deleted only once the new checkpoint is "
+        "complete and verified. Refused when OUT is, contains or lies inside the model folder or a calibration "
+        "file. Default: off.",
+        "--overwrite",
     )
     trust_remote_code: bool = option(
         False, "Allow a model's own Python code to run (custom architectures). Default: off.", "--trust-remote-code"

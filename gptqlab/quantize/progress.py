@@ -110,8 +110,11 @@ def _model_files(model_dir: Path) -> dict[str, list[int]]:
     return files
 
 
-def run_record(opts: QuantizeOptions, model_dir: Path, input_ids: torch.Tensor, device, dtype, nblocks: int) -> dict:
-    """What ``run.json`` holds: everything that decides the bytes of the block files (JSON types only)."""
+def run_record(
+    opts: QuantizeOptions, model_dir: Path, input_ids: torch.Tensor, device, dtype, nblocks: int, written: str
+) -> dict:
+    """What ``run.json`` holds: everything that decides the bytes of the block files (JSON types only).
+    dtype: what the block computes in; written: the float type of the unquantized tensors in the checkpoint."""
     record = {
         "gptqlab": __version__,
         "torch": torch.__version__,
@@ -121,6 +124,7 @@ def run_record(opts: QuantizeOptions, model_dir: Path, input_ids: torch.Tensor, 
         "settings": {k: getattr(opts, k) for k in RESUME_SETTINGS} | {"seqlen": int(input_ids.shape[1])},
         "device": torch.device(device).type,
         "dtype": str(dtype),
+        "written_dtype": written,
         "calibration_sha256": hashlib.sha256(input_ids.contiguous().numpy().tobytes()).hexdigest(),
     }
     return json.loads(json.dumps(record))

@@ -173,7 +173,9 @@ def _test_pause() -> None:
         time.sleep(float(seconds))
 
 
-def _block_tensors(block, prefix: str, done: dict[str, QuantizedLinear], bits: int, fmt: str) -> dict:
+def _block_tensors(
+    block, prefix: str, done: dict[str, QuantizedLinear], bits: int, fmt: str, written: torch.dtype
+) -> dict:
     tensors = {}
     for n, q in done.items():
         for key, t in to_checkpoint(q.result, bits, fmt, q.bias).items():
@@ -181,7 +183,7 @@ def _block_tensors(block, prefix: str, done: dict[str, QuantizedLinear], bits: i
     quantized = {f"{n}.{p}" for n in done for p in ("weight", "bias")}
     for name, p in block.named_parameters():
         if name not in quantized:
-            tensors[f"{prefix}.{name}"] = p.detach().to("cpu", torch.float16).contiguous()
+            tensors[f"{prefix}.{name}"] = p.detach().to("cpu", written).contiguous()
     return tensors
 
 
@@ -301,7 +303,9 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float)
     if opts.progress:
         print(calib.summary())
 
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    written_name = opts.checkpoint_dtype(config)
+    written = getattr(torch, written_name)
+    dtype = torch.float32 if device.type == "cpu" else written
     block_prefix = arch.blocks + "."
     for name, p in list(model.named_parameters()):
         if not name.startswith(block_prefix) and p.device.type == "meta" and name in weights:
@@ -310,13 +314,13 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float)
     _tie_output_embeddings(model)
 
     run = PartialRun(out)
-    record = run_record(opts, model_dir, calib.input_ids, device, dtype, len(blocks))
+    record = run_record(opts, model_dir, calib.input_ids, device, dtype, len(blocks), written_name)
     run.open(record, opts.resume)
     resumed_at = run.finished
 
     def on_block(i: int, block, done: dict[str, QuantizedLinear], outputs: list) -> None:
         _test_pause()
-        tensors = _block_tensors(block, f"{arch.blocks}.{i}", done, opts.bits, opts.format)
+        tensors = _block_tensors(block, f"{arch.blocks}.{i}", done, opts.bits, opts.format, written)
         run.save_block(i, tensors, [q.report for q in done.values()], outputs)
 
     try:
@@ -341,11 +345,11 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float)
         tied = _tied(model)
         for name, p in model.named_parameters():
             if not name.startswith(block_prefix) and not (tied and name == "lm_head.weight"):
-                rest[name] = p.detach().to("cpu", torch.float16).contiguous()
+                rest[name] = p.detach().to("cpu", written).contiguous()
         save_atomic(rest, run.blocks / "rest.safetensors", metadata={"format": "pt"})
         files = [*(run.block_file(i) for i in range(len(blocks))), run.blocks / "rest.safetensors"]
         write_shards(staging, _iter_partial(files), parse_size(opts.max_shard_size))
-        _write_configs(staging, model_dir, config, tokenizer, opts)
+        _write_configs(staging, model_dir, config, tokenizer, opts, written_name)
         report = _report(opts, model_dir, calib, run.reports, device, started) | {"resumed_at_block": resumed_at}
         write_json(staging / "quant_report.json", report)
         write_manifest(staging)
@@ -404,12 +408,12 @@ def _tie_output_embeddings(model) -> None:
         out_emb.weight = model.get_input_embeddings().weight
 
 
-def _write_configs(staging: Path, model_dir: Path, config, tokenizer, opts: QuantizeOptions) -> None:
+def _write_configs(staging: Path, model_dir: Path, config, tokenizer, opts: QuantizeOptions, written: str) -> None:
     qdict = quantize_config_dict(opts.quant, opts.method)
     write_json(staging / "quantize_config.json", qdict)
     cfg = config.to_dict()
     cfg["quantization_config"] = qdict
-    cfg["dtype"] = "float16"
+    cfg["dtype"] = written
     cfg.pop("torch_dtype", None)
     write_json(staging / "config.json", cfg)
     tokenizer.save_pretrained(staging)
