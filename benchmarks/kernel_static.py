@@ -293,10 +293,10 @@ def _variant(kernel: str, config, m: int, bits: int, group_size: int, k: int, n:
         "perm_ptr": None,
     }
     if kernel == "gemv":
-        meta |= {"ONE_ROW": m == 1, "BLOCK_M": 16}
+        meta |= {"BLOCK_M": 16}
         split = "split1" if config.kwargs["SPLIT_K"] == 1 else "splitK"
         keys = (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_KP"], split)
-        stem = f"gemv-{bits}bit-m{'1' if m == 1 else '16'}-n{keys[0]}-kp{keys[1]}-{keys[2]}"
+        stem = f"gemv-{bits}bit-n{keys[0]}-kp{keys[1]}-{keys[2]}"  # one compiled kernel serves M = 1..16
     else:
         stem = f"gemm-{bits}bit-m{config.kwargs['BLOCK_M']}-n{config.kwargs['BLOCK_N']}-kp{config.kwargs['BLOCK_KP']}"
     flags = "".join(k[0].lower() for k in ("ONE_GROUP_PER_TILE", "EVEN_N", "EVEN_K") if meta[k])

@@ -10,7 +10,7 @@ At decode sizes the work is reading the packed weight once; the rest is small. P
   whose rows are the tile's inputs in the order (word row, half, slot bits reversed), and x is loaded
   in that same order, so ``tl.dot`` sums the right products without moving a weight: the order of a
   dot's K axis is free. Rows of x are padded to 16 (the smallest MMA); the padding costs no weight
-  traffic. For M = 1 one row of x is loaded and broadcast;
+  traffic (the rows m >= M are masked, so M = 1 loads one row of x);
 * **act-order**: with ``perm`` the x columns are gathered through it in the same load (no index_select);
 * **one launch per call**: a grid of (column blocks) x (SPLIT_K slices of K). With SPLIT_K > 1 each slice
   stores its fp32 partial [M, BLOCK_N] to a workspace and increments a per-column-block counter
@@ -50,12 +50,12 @@ MIN_BLOCK_N = 64
 """Smallest BLOCK_N in :func:`gemv_configs`; sizes the split-K counters."""
 
 
-GEMV_TILES = ((64, 16, 1), (128, 16, 1), (128, 16, 2), (256, 16, 2), (128, 8, 2))
+GEMV_TILES = ((64, 16, 1), (128, 16, 2), (256, 16, 2), (128, 8, 2))
 """(BLOCK_N, BLOCK_KP, num_warps) of the gemv autotune list. 16 packed rows are one 128-row group at 4 bits
 (64 rows at 8 bits), so the scales apply after the dot; 8 rows do the same for 2 bits. Few warps and wide
 tiles give each thread 32-64 words per iteration, over which the per-tile work (scales, zeros, x, the
-fp32 scaling of the dot) is spread: ``kernel_static`` counts 2.4-2.7 SASS instructions per 4-bit weight
-for these tiles, 2.8-3.0 for 4-warp 128-column tiles."""
+fp32 scaling of the dot) is spread: ``kernel_static`` counts 2.2-2.5 SASS instructions per 4-bit weight
+for the 16-row tiles, 2.8-3.0 for 4-warp 128-column tiles. A single-warp 128 x 16 tile (2.3) spills."""
 SPLITS = (1, 2, 4, 8, 16)
 MAX_REGISTERS = 255
 """ptxas register cap. Without an explicit one, ptxas stopped at 168 registers and spilled 8 bytes in some
@@ -89,19 +89,16 @@ def words_per_thread(config: triton.Config) -> int:
 def _prune_gemv_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Keep the configs that fit the call: K tiles of at most MAX_TILE_ROWS inputs; no more K slices than
     K tiles (extra programs would only add zeros); at most 32 words per thread for bf16/fp32 activations
-    (their fp32 dequantization holds more registers) and for single-warp tiles at M > 1. The others
-    spill registers on sm_90 (tests/kernels/test_compile_sm90.py)."""
+    (their fp32 dequantization holds more registers and spills on sm_90, tests/kernels/test_compile_sm90.py)."""
     args = {**named_args, **kwargs}
     pack = 32 // args["BITS"]
 
     def fits(c: triton.Config) -> bool:
         rows = c.kwargs["BLOCK_KP"] * pack
-        big = words_per_thread(c) > 32
         return (
             rows <= MAX_TILE_ROWS
             and c.kwargs["SPLIT_K"] <= triton.cdiv(args["K"], rows)
-            and not (big and not args.get("PACKED_FP16", True))
-            and not (big and c.num_warps == 1 and args["M_BUCKET"] > 1)
+            and not (words_per_thread(c) > 32 and not args.get("PACKED_FP16", True))
         )
 
     return [c for c in configs if fits(c)] or configs[:1]
@@ -153,7 +150,6 @@ def _dequant_gemv_kernel(
     BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_PERM: tl.constexpr,
-    ONE_ROW: tl.constexpr,
     PACKED_FP16: tl.constexpr,
     USE_ASM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -205,7 +201,7 @@ def _dequant_gemv_kernel(
         # -- scales and zeros: one [BLOCK_N] row when the tile lies in one group, else one row per word row
         #    (a word's codes share a group). Rows are loaded 1-D and broadcast (a [1, BLOCK_N] load would
         #    impose its layout on the loop body and spill registers). Unlike the gemm, the row is not
-        #    prefetched a tile ahead: that raised the M = 1 and 16 loops from 2.45 / 2.37 to 2.8 SASS
+        #    prefetched a tile ahead: that raised the loop from about 2.4 to 2.8 SASS
         #    instructions per weight (sm_90 compile), above the 2.5 target.
         if ONE_GROUP_PER_TILE:
             g = k0 // group_size
@@ -235,15 +231,13 @@ def _dequant_gemv_kernel(
         k_mask = (k_in < K) | EVEN_K
         if HAS_PERM:
             k_in = tl.load(perm_ptr + k_in, mask=k_mask, other=0)
-        if ONE_ROW:
-            xt = tl.load(x_ptr + k_in * stride_xk, mask=k_mask, other=0.0)  # [BLOCK_K]
-            xt = tl.broadcast_to(xt[None, :], (BLOCK_M, BLOCK_K))
-        else:
-            xt = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + k_in[None, :] * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
+        # (rows m >= M are masked to zero; loading one row and broadcasting it for M = 1 cost 20 more
+        #  instructions per tile: the tensor-core operand then needs register copies of the duplicate rows)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + k_in[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
         xt = dot_row_order(xt, BLOCK_M, BLOCK_KP, C)
         if ONE_GROUP_PER_TILE:
             acc += tl.dot(xt, w, input_precision=DOT_PRECISION) * s.to(tl.float32)[None, :]
@@ -361,7 +355,6 @@ def gemv(
         BITS=bits,
         HAS_BIAS=bias is not None,
         HAS_PERM=perm is not None,
-        ONE_ROW=m == 1,
         PACKED_FP16=x.dtype == torch.float16 and scales.dtype == torch.float16,
         USE_ASM=use_asm(),
         DOT_PRECISION=dot_precision(x.dtype),

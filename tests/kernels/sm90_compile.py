@@ -57,41 +57,39 @@ def ci_cases() -> dict:
         GEMM_TILE_ACT_ORDER,
         {**_meta(4, "fp16", True), "HAS_PERM": True, "EVEN_N": False, "EVEN_K": False},
     )
-    for bits in (2, 4, 8):
-        for m in (1, 16):
-            meta = {**_meta(bits, "fp16", True), "ONE_ROW": m == 1, "BLOCK_M": 16}
-            tile = GEMV_TILE_2BIT if bits == 2 else GEMV_TILE
-            cases[f"gemv-{bits}bit-fp16-m{m}"] = (gemv._dequant_gemv_kernel, "fp16", tile, meta)
+    for bits in (2, 4, 8):  # M is a runtime argument: one compiled gemv serves M = 1..16
+        meta = {**_meta(bits, "fp16", True), "BLOCK_M": 16}
+        tile = GEMV_TILE_2BIT if bits == 2 else GEMV_TILE
+        cases[f"gemv-{bits}bit-fp16"] = (gemv._dequant_gemv_kernel, "fp16", tile, meta)
     for dtype in ("bf16", "fp32"):
-        meta = {**_meta(4, dtype, True), "ONE_ROW": True, "BLOCK_M": 16}
-        cases[f"gemv-4bit-{dtype}-m1"] = (gemv._dequant_gemv_kernel, DTYPE[dtype][0], GEMV_TILE, meta)
-    cases["gemv-4bit-fp16-m16-act-order-many-groups-ragged"] = (
+        meta = {**_meta(4, dtype, True), "BLOCK_M": 16}
+        cases[f"gemv-4bit-{dtype}"] = (gemv._dequant_gemv_kernel, DTYPE[dtype][0], GEMV_TILE, meta)
+    cases["gemv-4bit-fp16-act-order-many-groups-ragged"] = (
         gemv._dequant_gemv_kernel,
         "fp16",
         GEMV_TILE,
-        {**_meta(4, "fp16", False), "HAS_PERM": True, "EVEN_N": False, "EVEN_K": False}
-        | {"ONE_ROW": False, "BLOCK_M": 16},
+        {**_meta(4, "fp16", False), "HAS_PERM": True, "EVEN_N": False, "EVEN_K": False} | {"BLOCK_M": 16},
     )
     return cases
 
 
 def all_cases() -> dict:
-    """Every config of both autotune lists that their pruning keeps for some call, at 2, 4 and 8 bits,
-    group size 128, fp16 (gemv SPLIT_K: 1 and 2; values above 1 share one compiled kernel)."""
+    """Every config of both autotune lists that their pruning keeps for some call, at 2, 4 and 8 bits in fp16
+    and at 4 bits in bf16, group size 128 (gemv SPLIT_K: 1 and 2; values above 1 share one compiled kernel,
+    and so do all M <= 16)."""
     cases = {}
-    for bits in (2, 4, 8):
-        for m in (1, 16):
-            args = {"K": 4096, "M_BUCKET": m, "BITS": bits}
-            for config in gemv._prune_gemv_configs(gemv.gemv_configs(), args):
-                if config.kwargs["SPLIT_K"] > 2:
-                    continue
-                meta = {**_meta(bits, "fp16", True), "ONE_ROW": m == 1, "BLOCK_M": 16}
-                name = f"gemv-{bits}bit-m{m}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items())
-                cases[f"{name}-w{config.num_warps}"] = (gemv._dequant_gemv_kernel, "fp16", config, meta)
+    for bits, dtype in ((2, "fp16"), (4, "fp16"), (8, "fp16"), (4, "bf16")):
+        args = {"K": 4096, "M_BUCKET": 1, "BITS": bits, "PACKED_FP16": dtype == "fp16"}
+        for config in gemv._prune_gemv_configs(gemv.gemv_configs(), args):
+            if config.kwargs["SPLIT_K"] > 2:
+                continue
+            meta = {**_meta(bits, dtype, True), "BLOCK_M": 16}
+            name = f"gemv-{bits}bit-{dtype}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items())
+            cases[f"{name}-w{config.num_warps}"] = (gemv._dequant_gemv_kernel, DTYPE[dtype][0], config, meta)
         for config in gemm._prune_gemm_configs(gemm.gemm_configs(), {"M_BUCKET": 4096, "BITS": bits}):
-            name = f"gemm-{bits}bit-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items())
-            meta = _meta(bits, "fp16", True)
-            cases[f"{name}-w{config.num_warps}"] = (gemm._dequant_gemm_kernel, "fp16", config, meta)
+            name = f"gemm-{bits}bit-{dtype}-" + "-".join(f"{k}{v}" for k, v in config.kwargs.items())
+            meta = _meta(bits, dtype, True)
+            cases[f"{name}-w{config.num_warps}"] = (gemm._dequant_gemm_kernel, DTYPE[dtype][0], config, meta)
     return cases
 
 

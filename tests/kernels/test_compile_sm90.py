@@ -39,14 +39,14 @@ def compiled() -> dict:
 
 
 def test_every_case_compiles(compiled):
-    assert len(compiled) == 14
+    assert len(compiled) == 11
 
 
 def test_no_register_spills(compiled):
     # fp32 activations work but are not tuned: their tf32x3 dots (three MMAs of split operands) spill
     spills = {name: r["stack_bytes"] for name, r in compiled.items() if r["stack_bytes"]}
     assert {name for name in spills if "fp32" not in name} == set()
-    assert "gemv-4bit-fp32-m1" in spills
+    assert "gemv-4bit-fp32" in spills
 
 
 def test_shared_memory_fits_an_h100(compiled):
@@ -67,6 +67,6 @@ def test_fp16_paths_use_the_packed_inline_asm_and_others_do_not(compiled):
 @pytest.mark.slow
 def test_every_autotune_config_compiles_without_spills():
     everything = _compile("--all")
-    assert len(everything) > 40
+    assert len(everything) > 30
     assert {name: r["stack_bytes"] for name, r in everything.items() if r["stack_bytes"]} == {}
     assert max(r["shared_bytes"] for r in everything.values()) <= H100_SHARED_BYTES

@@ -199,9 +199,8 @@ def test_autotune_pruning_keeps_useful_configs():
 
     prune = gemv_module._prune_gemv_configs
     small, wide, split16 = gemv_cfg(64, 4, 1), gemv_cfg(128, 4, 1), gemv_cfg(64, 16, 1)
-    # K = 4096 at 4 bits: 32 tiles of 128 rows, so 16 slices fit; 64 words per thread in one warp only for M = 1
-    assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 1}, BITS=4) == [small, wide, split16]
-    assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 16}, BITS=4) == [small, split16]
+    # K = 4096 at 4 bits: 32 tiles of 128 rows, so 16 slices fit
+    assert prune([small, wide, split16], {"K": 4096, "M_BUCKET": 16}, BITS=4) == [small, wide, split16]
     # K = 512: 4 tiles, so 16 slices would mostly add zeros; pruning never returns nothing
     assert prune([small, split16], {"K": 512, "M_BUCKET": 1}, BITS=4) == [small]
     assert prune([split16], {"K": 512, "M_BUCKET": 1}, BITS=4) == [split16]
