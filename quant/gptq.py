@@ -58,7 +58,8 @@ class HessianFactor:
     so Linears that share their input (q/k/v, gate/up) can share it.
 
     perm: [K] int64, the processing order (columns by decreasing diag(H) with act-order, else 0..K-1).
-    L: [K, K] lower Cholesky factor of J P (H + λI) Pᵀ J, J the order reversal, P the permutation.
+    L: [K, K] lower Cholesky factor of J P (H + λI) Pᵀ J, J the order reversal, P the permutation;
+        column-major (``L.mT`` is contiguous).
     damp: the dampening used, as a fraction of mean(diag H) (raised from the configured one on failure).
     lam: λ = damp · mean(diag H), a 0-dim float64 tensor on H's device.
     dead: [K] bool, inputs whose diag(H) is 0 (always zero); their weights are quantized as 0.
@@ -80,9 +81,8 @@ class HessianFactor:
         m = K - i1
         E = torch.zeros(b, m, dtype=self.L.dtype, device=self.L.device)
         E[:, m - b :].fill_diagonal_(1)
-        # Xᵀ from Lᵀ Xᵀ = Eᵀ: L is factored in place (row-major), so Lᵀ is the column-major matrix LAPACK
-        # reads without a copy.
-        X = torch.linalg.solve_triangular(self.L[:m, :m].t(), E.t(), upper=True).t()
+        # L is column-major, so its leading part is a matrix LAPACK reads without a copy.
+        X = torch.linalg.solve_triangular(self.L[:m, :m], E, upper=False, left=False)
         return X.flip(0, 1)
 
 
@@ -110,6 +110,9 @@ def hessian_factor(H: torch.Tensor, damp_percent: float, desc_act: bool = False)
         A.diagonal().masked_fill_(dead[order], 1)  # keeps H invertible; the weights of dead inputs are 0
         lam = damp * mean_diag
         A.diagonal().add_(lam.to(A.dtype))
+        # Factor in place through the column-major view A.mT (the same matrix, A is symmetric): given a
+        # row-major matrix, LAPACK would first copy it. L is then column-major.
+        A = A.mT
         L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32, device=H.device)))
         if int(info) == 0 and bool(torch.isfinite(L).all()):
             return HessianFactor(perm, L, damp, lam, dead)
