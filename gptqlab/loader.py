@@ -22,10 +22,11 @@ from gptqlab.modelfiles import materialize, model_config, model_skeleton, open_w
 
 CPU_THREADS = 1
 """Default torch thread count for ``gptqlab.load(device="cpu")`` on a machine with at most
-:data:`FEW_CORES` usable cores. On the shared 2-core AMX Xeon, greedy decode of a 4-bit model (hidden 2048)
-ran faster on one thread than on two (``gptqlab bench latency --threads``; see
-benchmarks/results/cpu-2core/latency-cpu-threads.json): the second core is busy with other work and the
-int4 kernel is memory-bound at one row."""
+:data:`FEW_CORES` usable cores. On the shared 2-core AMX Xeon, greedy decode of a 4-bit random LLaMA
+(hidden 2048, 8 layers) ran at 17.4 tokens/s on one thread and 1.5 tokens/s on two, alternated in one
+process (benchmarks/results/cpu-2core/latency-cpu-threads.json, from
+``gptqlab.benchmarks.bench_latency.thread_sweep``): the second core is busy with other work, and each
+thread then waits for the slowest."""
 
 FEW_CORES = 2
 """Up to this many usable cores, :data:`CPU_THREADS` replaces torch's default; above it torch's default

@@ -2,9 +2,11 @@
 repacked once at load time, and a tiled dequantize-then-dense-bf16 matmul for many rows.
 
 Why this kernel: it reads 4 bits per weight and dequantizes in registers (AVX-512 on x86), so at one row
-of activations it moves a quarter of the bf16 bytes. At LLaMA-7B's 4096x4096, one thread, M = 1, it took
-0.9 ms against 2.7 ms for a dense fp32 matmul and 4.4 ms for dense bf16 (``gptqlab bench kernels
---device cpu``, results in ``benchmarks/results/cpu-2core/kernels-cpu*.json``).
+of activations it moves a quarter of the bf16 bytes. At LLaMA-7B's 4096x4096, one thread, M = 1, with the
+cache flushed before each call, a loaded layer took 1.66 ms against 5.13 ms for a dense fp32 matmul and
+12.0 ms for dense bf16 (medians of 40 alternated rounds on the shared 2-core AMX Xeon;
+benchmarks/results/cpu-2core/kernels-cpu-7b-w4-decode.json, ``gptqlab bench kernels --device cpu
+--shapes 4096x4096 --shrink 1 --bits 4 --batches 1,16 --repeats 40 --threads 1``).
 
 Layout the kernel reads, per layer part (P = 1 part for 2/3/4-bit, 2 parts for 8-bit):
 
@@ -49,8 +51,9 @@ the CPU has it) instead of the int4 kernel. Measured with one thread at 4096x409
 AMX Xeon (``gptqlab bench kernels --device cpu --shapes 4096x4096 --shrink 1 --bits 4 --batches
 1,16,128,192,256``, rows "gptqlab-int4" and "gptqlab-dense-tile" of
 benchmarks/results/cpu-2core/kernels-cpu-7b-w4.json): the int4 kernel's time grows linearly with M
-(0.45 ms per row there), the tile path costs a fixed dequantization (~50 ms) plus a cheap AMX matmul.
-The two tied at M = 128 (57.2 and 57.4 ms); at M = 192 the tile path was 1.42x faster, at 256 1.67x."""
+(about 0.85 ms per row there), the tile path costs a fixed dequantization (~70-110 ms, in torch ops)
+plus a cheap AMX matmul. At M = 128 the int4 kernel was 1.07x faster (108 vs 115 ms); at M = 192 the
+tile path was 1.45x faster (111 vs 162 ms), at 256 1.68x (131 vs 220 ms)."""
 
 TILE_COLUMNS = 512
 """Columns dequantized at a time on the dense path: a [K, 512] bf16 tile is 4 MiB at K = 4096, so no
