@@ -202,21 +202,28 @@ def last_level_cache_bytes() -> int:
     return 64 << 20
 
 
-def _round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+FLUSH_MIN_BYTES = 1 << 20
+"""Layers whose dense fp32 weight has at least this many bytes (larger than a core's L2) are timed with
+the cache flushed before each call; smaller ones (test shapes) are not, which keeps them quick."""
+
+
+def _round_robin(
+    calls: dict[str, Callable[[], object]], rounds: int, flush: bool
+) -> tuple[dict[str, float], dict[str, float]]:
     """(median, fastest) seconds per call of each callable, calling them in turn for ``rounds`` rounds.
 
-    Before every timed call a buffer of twice the last-level cache is overwritten, so that each kernel
-    reads its weight from DRAM, as in a model whose weights exceed the cache, and none profits from the
-    previous kernel having touched the same packed weight. Round r starts at kernel r (rotation), so no
-    kernel always follows the same neighbour."""
-    flush = torch.empty(2 * last_level_cache_bytes() // 4, dtype=torch.float32)
+    With ``flush``, a buffer of twice the last-level cache is overwritten before every timed call, so that
+    each kernel reads its weight from DRAM, as in a model whose weights exceed the cache, and none profits
+    from the previous kernel having touched the same packed weight. Round r starts at kernel r
+    (rotation), so no kernel always follows the same neighbour."""
+    scratch = torch.empty(2 * last_level_cache_bytes() // 4 if flush else 0, dtype=torch.float32)
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
     for fn in calls.values():
         fn()  # warm-up
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            flush.fill_(r)
+            scratch.fill_(r)
             start = time.perf_counter()
             calls[name]()
             times[name].append(time.perf_counter() - start)
@@ -227,7 +234,8 @@ def _round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> tuple[d
 def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats: int) -> list[dict]:
     """Rows for one (K, N, M, bits) on the CPU: every kernel of the module docstring, timed round-robin
     (``repeats`` rounds of one call each, so that load from other processes hits all kernels alike, with
-    the cache flushed before each call; the median is reported, and the fastest call as ``best_us``).
+    the cache flushed before each call from :data:`FLUSH_MIN_BYTES` on; the median is reported, and the
+    fastest call as ``best_us``).
 
     Each row has ``us`` (median per call), ``vs_fp32`` and ``vs_bf16`` (dense time / this time) and
     ``rel_err`` (relative Frobenius error of the output against the exact fp32 reference, from which a
@@ -260,7 +268,7 @@ def bench_cpu_point(k: int, n: int, m: int, bits: int, group_size: int, repeats:
             calls["gptqlab-dense-tile"] = lambda: cpu.matmul(x, w, sz, gk, path="dense-tile")
     for name, layer in gptqmodel_cpu_layers(qweight, zeros, scales, bits, group_size).items():
         calls[name] = functools.partial(layer, xb)
-    seconds, best = _round_robin(calls, repeats)
+    seconds, best = _round_robin(calls, repeats, flush=k * n * 4 >= FLUSH_MIN_BYTES)
     rows = []
     for name, fn in calls.items():
         out = fn().float()
