@@ -23,7 +23,8 @@ scale_zeros    [P, K/gk, N, 2] bf16   per kernel group of ``gk`` rows: (S, Z) wi
 =============  =====================  ==============================================================
 
 GPTQ's ``W = s * (q - z)`` is the same line with ``S = s`` and ``Z = s * (8 - z)``: the codes do not
-change. 2- and 3-bit codes fit a nibble as they are (stored as 4 bits each). An 8-bit code is split
+change. 2- and 3-bit codes fit a nibble (shifted up together with their zeros so that they centre on 8;
+stored as 4 bits each, so they take the memory of 4-bit weights). An 8-bit code is split
 as ``q = 16 h + l`` and ``z = 16 zh + zl``: ``W = 16 s (h - zh) + s (l - zl)``, two int4 parts whose
 outputs add. Group sizes that are a multiple of one the kernel takes (32, 64, 128, 256), and -1, are
 run with the largest such kernel group that divides both; the (S, Z) pair is repeated per kernel group.
