@@ -7,10 +7,10 @@ import logging
 
 import torch
 
-from gptqlab.errors import CheckpointError
+from gptqlab.checkpoint.validate import LinearRules, check_linear
 from gptqlab.kernels import BACKENDS, cpu, gptq_matmul, reference
-from gptqlab.kernels.layout import check_operands, num_groups
-from gptqlab.quant.pack import SUPPORTED_BITS, pack_rows, unpack_cols, unpack_rows
+from gptqlab.kernels.layout import check_operands
+from gptqlab.quant.pack import pack_rows, unpack_cols, unpack_rows
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +25,14 @@ def _note_cpu_fallback(reason: str) -> None:
     )
 
 
-def _compact_zeros(zeros: torch.Tensor) -> torch.Tensor:
-    """Zero points in the narrowest integer type that holds them: uint8, or int16 for the z = 256 that a
-    v1 8-bit file yields when it stores 0xFF (z - 1 of an unrepresentable 0)."""
-    fits_byte = zeros.numel() == 0 or int(zeros.max()) <= 255
-    return zeros.to(torch.uint8 if fits_byte else torch.int16)
-
-
 class QuantLinear(torch.nn.Module):
     """A GPTQ-quantized Linear: ``y = x @ W + bias`` with W kept packed (about bits/16 of the fp16 bytes).
 
-    Build it with :meth:`from_checkpoint` from the tensors of a file (FORMAT.md). Buffers, in the layout
+    Build it with :meth:`from_checkpoint` from the tensors of a file (docs/FORMAT.md). Buffers, in the layout
     of :mod:`gptqlab.kernels.layout` (K = in_features, N = out_features, G = groups):
 
     - ``qweight`` [K*bits/32, N] int32: codes packed along K; rows are in kernel order (see ``perm``).
-    - ``zeros`` [G, N] uint8 (int16 if a zero is 256): actual zero points, the v1 offset already added.
+    - ``zeros`` [G, N] uint8: actual zero points, the v1 offset already added.
     - ``scales`` [G, N] as stored (fp16). ``bias`` [N] or None (an all-zero bias is dropped).
     - ``perm`` [K] int32 or None: act-order. Input channels are reordered once at load time so that
       groups are contiguous (row i of ``qweight`` is original input ``perm[i]``), and forward reads
@@ -161,63 +154,26 @@ class QuantLinear(torch.nn.Module):
         zero_offset: int,
         name: str = "",
     ) -> QuantLinear:
-        """Build the layer from the tensors of one Linear exactly as stored in the file (FORMAT.md).
+        """Build the layer from the tensors of one Linear exactly as stored in the file (docs/FORMAT.md).
 
         qweight: [K*bits/32, N] int32. qzeros: [G, N*bits/32] int32, packed. scales: [G, N] float.
         g_idx: [K] integer, or None for contiguous groups. bias: [N] or None.
         group_size: -1 means one group of K rows. zero_offset: 1 for checkpoint_format "gptq" (v1, the
         file stores z - 1), 0 for "gptq_v2". name: the module's prefix, used in error messages.
-        Raises CheckpointError naming the tensor whose shape or dtype does not fit the config.
+        Raises CheckpointError naming the tensor that breaks a rule of the format: the one validation,
+        :func:`gptqlab.checkpoint.validate.check_linear` (shapes, dtypes, finite positive scales, zero
+        points in [0, 2^bits), g_idx in range, finite bias).
         """
-        where = f"{name}." if name else ""
         k, n = in_features, out_features
-
-        def fail(tensor: str, problem: str) -> CheckpointError:
-            return CheckpointError(
-                f"{where}{tensor}: {problem} (bits={bits}, group_size={group_size}, in_features={k}, out_features={n})"
-            )
-
-        if bits not in SUPPORTED_BITS:
-            raise fail("config", f"bits must be one of {SUPPORTED_BITS}")
-        if zero_offset not in (0, 1):
-            raise fail(
-                "config", f"zero_offset must be 1 (checkpoint_format 'gptq') or 0 ('gptq_v2'), got {zero_offset}"
-            )
-        if k <= 0 or n <= 0 or (group_size != -1 and group_size <= 0):
-            raise fail("config", "in_features, out_features and group_size (or -1) must be positive")
-        per_run = 32 if bits == 3 else 32 // bits
-        if k % per_run:
-            raise fail("qweight", f"in_features must be a multiple of {per_run} to pack {bits}-bit codes")
-        if n % per_run:
-            raise fail("qzeros", f"out_features must be a multiple of {per_run} to pack {bits}-bit zero points")
-        g = num_groups(k, group_size)
-        for tensor, value, shape in (
-            ("qweight", qweight, (k * bits // 32, n)),
-            ("qzeros", qzeros, (g, n * bits // 32)),
-            ("scales", scales, (g, n)),
-        ):
-            if tuple(value.shape) != shape:
-                raise fail(tensor, f"expected shape {list(shape)}, got {list(value.shape)}")
-        for tensor, value in (("qweight", qweight), ("qzeros", qzeros)):
-            if value.dtype != torch.int32:
-                raise fail(tensor, f"expected int32, got {value.dtype}")
-        if not scales.dtype.is_floating_point:
-            raise fail("scales", f"expected a float dtype, got {scales.dtype}")
-        if bias is not None:
-            if tuple(bias.shape) != (n,) or not bias.dtype.is_floating_point:
-                raise fail("bias", f"expected a float tensor of shape [{n}], got {bias.dtype} {list(bias.shape)}")
-            if not bool(bias.any()):
-                bias = None  # AutoGPTQ writes zeros for Linears without a bias
+        tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx, "bias": bias}
+        check_linear(tensors, LinearRules(bits, group_size, zero_offset), k, n, name=name)
+        if bias is not None and not bool(bias.any()):
+            bias = None  # AutoGPTQ writes zeros for Linears without a bias
         contiguous = reference.contiguous_g_idx(k, group_size, qweight.device)
         if g_idx is None:
             g_idx = contiguous
-        if tuple(g_idx.shape) != (k,) or g_idx.dtype.is_floating_point:
-            raise fail("g_idx", f"expected an integer tensor of shape [{k}], got {g_idx.dtype} {list(g_idx.shape)}")
         g_idx = g_idx.to(device=qweight.device, dtype=torch.int32)
-        if k and (int(g_idx.min()) < 0 or int(g_idx.max()) >= g):
-            raise fail("g_idx", f"group indices must lie in [0, {g})")
-
-        zeros = _compact_zeros(unpack_cols(qzeros, bits) + zero_offset)  # [G, N]
+        zeros = (unpack_cols(qzeros, bits) + zero_offset).to(torch.uint8)  # [G, N]; check_linear: z < 2^bits
         layer = {"bits": bits, "group_size": group_size}
         if torch.equal(g_idx, contiguous):
             return cls(qweight, zeros, scales, bias, **layer)
@@ -243,10 +199,16 @@ class QuantLinear(torch.nn.Module):
             return out.to(x.dtype)
         if self.g_idx is not None:
             return reference.matmul(x, self.qweight, self.zeros, self.scales, self.g_idx, self.bits, self.bias)
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
         return gptq_matmul(
-            x, self.qweight, self.zeros, self.scales, self.bits, self.group_size, self.bias, backend=self.backend
+            x,
+            self.qweight,
+            self.zeros,
+            self.scales,
+            self.bits,
+            self.group_size,
+            self.bias,
+            backend=self.backend,
+            perm=self.perm,  # the Triton kernels gather x in their loads; the torch path does index_select
         )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import torch
 
+from gptqlab.quant.pack import SUPPORTED_BITS
+
 BLOCK_N = 64
 """Columns per block of the int4pack layout."""
 
@@ -84,7 +86,7 @@ def unsupported_reason(in_features: int, out_features: int, bits: int, group_siz
     """Why a layer cannot use the int4 kernel, or None if it can."""
     if not kernel_available():
         return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu (needs torch >= 2.6)"
-    if bits not in (2, 3, 4, 8):
+    if bits not in SUPPORTED_BITS:
         return f"no CPU kernel for {bits}-bit weights"
     if out_features % 2:
         return f"out_features {out_features} is odd; the int4 layout pairs columns"

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from gptqlab.quant.pack import SUPPORTED_BITS
+
 KERNEL_BITS = (2, 4, 8)
 """Bit widths with a Triton kernel. 3-bit codes straddle int32 words and use the torch reference."""
 
@@ -81,8 +83,8 @@ def check_operands(
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K]; flatten leading dims first, got shape {tuple(x.shape)}")
     m, k = x.shape
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D int32 [K*bits/32, N], got {qweight.dtype} {tuple(qweight.shape)}")
     if qweight.shape[0] * 32 != k * bits:

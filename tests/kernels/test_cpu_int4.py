@@ -70,12 +70,16 @@ def test_four_bit_codes_are_unchanged_and_scales_rounded_once(sym):
         assert not lin.cpu_scale_zeros[0, ..., 1].any()  # symmetric 4-bit: Z = 0 exactly
 
 
-def test_v1_eight_bit_zero_of_256():
+def test_eight_bit_extreme_zeros_0_and_255():
+    # the 8-bit split into nibbles at its ends: z = 255 gives zh = zl = 15, z = 0 gives 0 and 0 (z = 0 only in
+    # gptq_v2: v1 stores z - 1; a v1 file's z = 256 is refused by the validation, tests/kernels/test_qlinear.py)
     layer = make_layer(8, K, N, 128)
-    layer.zeros[0, :5] = 256
-    lin = _load(layer, 1)
-    err = (lin.dequantized_weight().t() - layer.weight()).abs()
-    assert bool((err <= _bound(layer)).all())
+    layer.zeros[0, :5] = 255
+    for zero_offset in (1, 0):
+        lin = _load(layer, zero_offset)
+        err = (lin.dequantized_weight().t() - layer.weight()).abs()
+        assert bool((err <= _bound(layer)).all())
+        layer.zeros[1, :5] = 0
 
 
 @pytest.mark.parametrize("path", ["int4", "dense-tile"])

@@ -133,12 +133,15 @@ def test_three_bit_falls_back_to_the_reference(caplog, backend):
         assert "no Triton kernel for 3-bit weights" in caplog.text
 
 
-def test_v1_eight_bit_zero_of_256_is_kept():
-    # a v1 file can store 0xFF for an 8-bit zero; readers add 1, giving 256, which needs int16
+def test_v1_eight_bit_zero_of_256_is_rejected():
+    # a v1 file can store 0xFF for an 8-bit zero; readers add 1, giving 256, which no 8-bit code range holds
     layer = make_layer(8, K, N, 128)
     layer.zeros[0, :5] = 256
+    with pytest.raises(CheckpointError, match=r"up_proj\.qzeros: 5 of 320 zero points decode to 256"):
+        _load(layer, 1)
+    layer.zeros[0, :5] = 255  # the largest zero point is kept, in uint8
     lin = _load(layer, 1)
-    assert lin.zeros.dtype == torch.int16
+    assert lin.zeros.dtype == torch.uint8 and int(lin.zeros.max()) == 255
     assert torch.equal(lin.dequantized_weight(torch.float32).cpu(), layer.weight().t())
 
 
@@ -159,17 +162,22 @@ def test_all_zero_bias_is_dropped():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"qweight": torch.zeros(31, N, dtype=torch.int32)}, r"up_proj\.qweight: expected shape \[32, 160\]"),
-        ({"qweight": torch.zeros(32, N, dtype=torch.int64)}, r"qweight: expected int32"),
-        ({"qzeros": torch.zeros(4, 20, dtype=torch.int32)}, r"qzeros: expected shape \[2, 20\]"),
-        ({"scales": torch.zeros(2, 80, dtype=torch.float16)}, r"scales: expected shape \[2, 160\]"),
-        ({"scales": torch.zeros(2, N, dtype=torch.int32)}, r"scales: expected a float dtype"),
+        (
+            {"qweight": torch.zeros(31, N, dtype=torch.int32)},
+            r"up_proj\.qweight: shape \[31, 160\], expected \[32, 160\]",
+        ),
+        ({"qweight": torch.zeros(32, N, dtype=torch.int64)}, r"qweight: dtype torch.int64, expected int32"),
+        ({"qzeros": torch.zeros(4, 20, dtype=torch.int32)}, r"qzeros: shape \[4, 20\], expected \[2, 20\]"),
+        ({"scales": torch.zeros(2, 80, dtype=torch.float16)}, r"scales: shape \[2, 80\], expected \[2, 160\]"),
+        ({"scales": torch.zeros(2, N, dtype=torch.int32)}, r"scales: dtype torch.int32, expected a float dtype"),
+        ({"scales": torch.zeros(2, N, dtype=torch.float16)}, r"scales: 320 of 320 scales are not finite and positive"),
         ({"g_idx": torch.full((K,), 2, dtype=torch.int32)}, r"g_idx: group indices must lie in \[0, 2\)"),
-        ({"g_idx": torch.zeros(K - 1, dtype=torch.int32)}, r"g_idx: expected an integer tensor of shape \[256\]"),
-        ({"bias": torch.ones(N + 1, dtype=torch.float16)}, r"bias: expected a float tensor of shape \[160\]"),
-        ({"in_features": 100}, r"qweight: in_features must be a multiple of 8"),
-        ({"zero_offset": 2}, r"zero_offset must be 1 .* or 0"),
-        ({"bits": 5}, r"bits must be one of"),
+        ({"g_idx": torch.zeros(K - 1, dtype=torch.int32)}, r"g_idx: shape \[255\], expected \[256\]"),
+        ({"bias": torch.ones(N + 1, dtype=torch.float16)}, r"bias: shape \[161\], expected \[160\]"),
+        ({"bias": torch.full((N,), float("nan"), dtype=torch.float16)}, r"bias: contains NaN or Inf"),
+        ({"in_features": 100}, r"qweight: 4-bit packing needs in_features \(100\) .* divisible by 8"),
+        ({"zero_offset": 2}, r"config: zero_offset must be 1 .* or 0"),
+        ({"bits": 5}, r"config: bits must be one of 2, 3, 4, 8, got 5"),
     ],
 )
 def test_bad_checkpoint_tensors_raise_checkpoint_error(changes, message):
