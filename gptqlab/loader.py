@@ -1,5 +1,6 @@
 """``gptqlab.load``: a GPTQ checkpoint as a regular transformers model whose quantized Linears are
-:class:`~gptqlab.qlinear.QuantLinear` (weights stay packed; Triton kernels on CUDA, torch on CPU).
+:class:`~gptqlab.qlinear.QuantLinear` (weights stay packed; Triton kernels on CUDA, torch's int4 kernel on
+the CPU).
 
 The model is built with meta parameters, then each tensor is read from the safetensors files through
 mmap: quantized Linears are replaced by QuantLinear built from their file tensors, everything else is
@@ -17,7 +18,7 @@ from torch import nn
 from gptqlab.checkpoint.config import CheckpointQuantConfig, read_quant_config
 from gptqlab.checkpoint.verify import ensure_sound
 from gptqlab.errors import CheckpointError, GptqlabError
-from gptqlab.kernels import BACKENDS
+from gptqlab.kernels import BACKENDS, cpu
 from gptqlab.modelfiles import materialize, model_config, model_skeleton, open_weights
 
 CPU_THREADS = 1
@@ -30,7 +31,12 @@ thread then waits for the slowest."""
 
 FEW_CORES = 2
 """Up to this many usable cores, :data:`CPU_THREADS` replaces torch's default; above it torch's default
-(one thread per physical core) is kept."""
+(one thread per physical core) is kept, except for small models (:data:`SMALL_MODEL_PARAMS`)."""
+
+SMALL_MODEL_PARAMS = 100_000_000
+"""Below this many parameters a CPU forward pass runs on :data:`CPU_THREADS` by default, whatever the core
+count: the matmuls are too small for threads to pay for their synchronisation, which on a shared CPU costs
+5-10x (measured on the 2-core VM: 0.13 s vs 0.7-1.3 s per 512-token window of tiny-zh-llama)."""
 
 
 def _resolve_dir(name_or_path: str) -> Path:
@@ -39,11 +45,32 @@ def _resolve_dir(name_or_path: str) -> Path:
     return resolve_model_dir(name_or_path)
 
 
-def default_cpu_threads() -> int | None:
-    """The thread count ``load`` sets on the CPU when none is given: :data:`CPU_THREADS` on machines with at
-    most :data:`FEW_CORES` usable cores, else None (keep torch's default)."""
+def default_cpu_threads(n_params: int | None = None) -> int | None:
+    """The one rule for the torch thread count on the CPU when none is given (``load``, ``gptqlab eval``):
+    :data:`CPU_THREADS` on machines with at most :data:`FEW_CORES` usable cores or for a model of fewer than
+    :data:`SMALL_MODEL_PARAMS` parameters (``n_params``; None: unknown), else None (keep torch's default)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return CPU_THREADS if cores <= FEW_CORES else None
+    small = n_params is not None and n_params < SMALL_MODEL_PARAMS
+    return CPU_THREADS if cores <= FEW_CORES or small else None
+
+
+def default_dtype(device: torch.device, backend: str, quantized: bool) -> torch.dtype:
+    """The activation dtype ``load`` uses when none is given: float16 on CUDA; on the CPU bfloat16 for a
+    quantized model whose layers run torch's int4 kernel (backend "auto" on a torch that has it), which
+    computes in bf16 whatever it is given, else float32."""
+    if device.type == "cuda":
+        return torch.float16
+    if quantized and backend == "auto" and cpu.kernel_available():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _set_threads(device: torch.device, threads: int | None, model: nn.Module) -> None:
+    if device.type != "cpu":
+        return
+    threads = threads or default_cpu_threads(sum(p.numel() for p in model.parameters()))
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -65,14 +92,11 @@ def _build_qlinear(name: str, lin: nn.Linear, weights, qc: CheckpointQuantConfig
             return None
         return weights.get(full).to(device)
 
-    scales = get("scales")
-    if not torch.isfinite(scales).all() or (bool((scales <= 0).any()) and qc.sym):
-        raise CheckpointError(f"{name}.scales: scales must be finite and positive")
     bias = get("bias", optional=True)
-    layer = QuantLinear.from_checkpoint(
+    layer = QuantLinear.from_checkpoint(  # validates the tensors (checkpoint.validate.check_linear)
         get("qweight"),
         get("qzeros"),
-        scales,  # as stored: casting fp16 scales to bf16 would change W
+        get("scales"),  # as stored: casting fp16 scales to bf16 would change W
         get("g_idx", optional=True),
         None if bias is None else bias.to(dtype),
         bits=qc.bits,
@@ -105,11 +129,22 @@ def load(
         against the exact dequantized weight), and a layer that cannot be repacked logs the reason once
         and runs the torch reference. "triton" or "torch": that implementation for every layer ("torch"
         on the CPU keeps the exact GPTQ weight, dequantizing each layer per call: slow).
-    dtype: activations and unquantized weights; default float16 on CUDA, float32 on CPU.
+    dtype: activations and unquantized weights. None (:func:`default_dtype`): float16 on CUDA; on the CPU
+        bfloat16 for a quantized model on the int4 kernel (backend "auto"), float32 otherwise (unquantized
+        models, backend "torch"). The kernel computes in bf16 anyway; bf16 activations spare the casts
+        around it and make the rest of the model bf16: greedy decode of a 4-bit random LLaMA (hidden 2048,
+        8 layers, 1 thread) ran at 19.0 tokens/s against 17.0 with float32 activations (GPTQModel 19.3;
+        benchmarks/results/cpu-2core/latency-cpu-llama2k-w4-run2.json), at the price of logits about
+        0.5 % from the exact reference instead of 0.3 % (tests/kernels/test_cpu_models.py). Pass
+        ``dtype=torch.float32`` for float32 activations around the kernel, and ``backend="torch"`` too for
+        the exact GPTQ weight.
     threads: on the CPU, the torch thread count to set (``torch.set_num_threads``, process-wide). None
-        sets :data:`CPU_THREADS` (1) on machines with at most 2 usable cores, where it decoded faster
-        than 2 threads, and leaves torch's default on larger ones. Ignored on CUDA.
-    Reads every variant of FORMAT.md: gptqlab, GPTQModel (v1), transformers/optimum (gptq_v2), legacy
+        applies :func:`default_cpu_threads`: :data:`CPU_THREADS` (1) on machines with at most 2 usable
+        cores, where it decoded faster than 2 threads, or for models below :data:`SMALL_MODEL_PARAMS`
+        parameters; torch's default otherwise. Ignored on CUDA.
+    Raises CheckpointError (one line) for a checkpoint that breaks docs/FORMAT.md, and for weights that are
+    only a pickle that torch's safe loader refuses (nothing is unpickled, quantized or not).
+    Reads every variant of docs/FORMAT.md: gptqlab, GPTQModel (v1), transformers/optimum (gptq_v2), legacy
     AutoGPTQ files (``gptq_model-4bit-128g.safetensors``, zero biases), act-order and 8-bit checkpoints.
     """
     from transformers import AutoModelForCausalLM
@@ -122,14 +157,14 @@ def load(
     dev = resolve_device(device)
     if threads is not None and threads < 1:
         raise GptqlabError(f"threads must be at least 1, got {threads}")
-    if dev.type == "cpu":
-        threads = threads or default_cpu_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     qc = read_quant_config(folder)
+    dtype = dtype or default_dtype(dev, backend, quantized=qc is not None)
     if qc is None:
+        # the safe reader first: a folder whose weights are only a pickle that torch's weights-only loader
+        # refuses gets a one-line CheckpointError here, not transformers' advice to unpickle it anyway
+        open_weights(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        _set_threads(dev, threads, model)
         return model.to(dev).eval()
 
     config = model_config(folder, trust_remote_code)
@@ -137,6 +172,7 @@ def load(
     if raw_qc is not None:
         del config.quantization_config  # build a plain model; gptqlab does the quantized layers itself
     model = model_skeleton(config, trust_remote_code)
+    _set_threads(dev, threads, model)  # the dense parameter count, before the Linears are packed
     weights = open_weights(folder, prefix=model.base_model_prefix, model=model)
     names = quantized_linear_names(model, weights)
     if not names:

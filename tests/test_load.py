@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_gptqmodel_checkpoint_matches_gptqmodel_logits(gptqmodel_ckpt, monkeypat
     theirs = AutoModelForCausalLM.from_pretrained(gptqmodel_ckpt, device_map="cpu")
     want = logits(theirs)
     got = logits(ours)
-    # GPTQModel runs in fp16 on CPU, gptqlab in fp32.
+    # GPTQModel runs in fp16 on CPU, gptqlab in bf16 (its CPU default on the int4 kernel).
     err = (got - want).abs().max().item()
     assert err < 0.02 * want.abs().max().item(), err
 
@@ -183,3 +184,38 @@ def test_transformers_gptq_v2_checkpoint(transformers_v2_ckpt, monkeypatch, tmp_
     want = logits(theirs)
     err = (logits(ours) - want).abs().max().item()
     assert err < 0.02 * want.abs().max().item(), err
+
+
+class _WritesMarker:
+    """Unpickling this object (torch.load with weights_only=False) would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def test_unquantized_pickle_only_folder_is_refused_without_unpickling(tmp_path):
+    from gptqlab.embedded import resolve_model
+    from gptqlab.errors import CheckpointError
+
+    folder = shutil.copytree(resolve_model("tiny-zh-llama"), tmp_path / "model")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "MARKER"
+    torch.save({**state, "evil": _WritesMarker(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot be read safely as weights") as info:
+        gptqlab.load(str(folder), device="cpu")
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_default_dtype(ckpts):
+    from gptqlab.kernels import cpu
+
+    assert gptqlab.load("tiny-zh-llama", device="cpu").dtype == torch.float32  # unquantized: as before
+    assert gptqlab.load(str(ckpts / "v2"), device="cpu", backend="torch").dtype == torch.float32  # the exact path
+    fast = gptqlab.load(str(ckpts / "v2"), device="cpu")
+    assert fast.dtype == (torch.bfloat16 if cpu.kernel_available() else torch.float32)
+    assert gptqlab.load(str(ckpts / "v2"), device="cpu", dtype=torch.float32).dtype == torch.float32
