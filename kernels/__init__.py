@@ -1,5 +1,9 @@
 """GPTQ dequant-matmul: a dispatcher over Triton kernels (gemv for decode, gemm for prefill) and a torch
-reference.
+reference, for layers in the GPTQ layout.
+
+On the CPU, ``gptq_matmul`` runs the reference. The fast CPU path, torch's int4 kernel
+(:mod:`gptqlab.kernels.cpu`), needs the weights repacked once at load time, so it is chosen by
+``QuantLinear.use_cpu_kernel`` (``gptqlab.load(device="cpu")`` with backend "auto"), not here.
 
 The operand layout is described once, in :mod:`gptqlab.kernels.layout`. Triton is imported only when a
 Triton kernel runs, so this package imports without it.
@@ -22,8 +26,10 @@ __all__ = ["BACKENDS", "backend_for", "gptq_matmul", "kernel_for"]
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
-"""auto: Triton on CUDA when it has a kernel for the layer, else torch. triton: Triton or an error (CPU
-needs TRITON_INTERPRET=1), with the torch fallback for layers without a kernel. torch: the reference."""
+"""auto: Triton on CUDA when it has a kernel for the layer, else torch (on the CPU, QuantLinear runs its
+layers repacked for the int4 kernel of :mod:`gptqlab.kernels.cpu` instead; ``gptq_matmul`` never picks it).
+triton: Triton or an error (CPU needs TRITON_INTERPRET=1), with the torch fallback for layers without a
+kernel. torch: the reference (exact; on a repacked CPU layer, the weight the int4 kernel represents)."""
 
 
 @functools.cache

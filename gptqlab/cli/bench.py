@@ -13,6 +13,10 @@ app = typer.Typer(help="Benchmarks: latency, kernels, and gptqlab against its pe
 
 JSON_HELP = "Write the results (with date, git commit, device and library versions) to this JSON file."
 THREADS_HELP = "torch CPU threads (default: torch's); 1 gives steadier timings on a CPU shared with other jobs."
+LOAD_THREADS_HELP = (
+    "torch CPU threads (default: gptqlab.load's: 1 on machines with at most 2 cores or for models below 100 M "
+    "parameters, else torch's); 1 gives steadier timings on a CPU shared with other jobs."
+)
 
 
 @app.command()
@@ -29,9 +33,11 @@ def latency(
     repeats: int = typer.Option(5, help="Timed runs after one warm-up; medians are reported."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     backend: str = typer.Option(
-        "auto", help="QuantLinear implementation: auto (Triton on CUDA, torch on CPU), triton or torch."
+        "auto",
+        help="QuantLinear implementation: auto (Triton on CUDA; on the CPU torch's int4 kernel on weights "
+        "repacked at load time), triton, or torch (the exact reference; slow).",
     ),
-    threads: int = typer.Option(None, help=THREADS_HELP),
+    threads: int = typer.Option(None, help=LOAD_THREADS_HELP),
     json: str = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Prefill time, decode ms/token, tokens/s and peak memory of MODEL and its baseline."""
@@ -66,7 +72,12 @@ def kernels(
     shrink: int = typer.Option(
         None, help="Divide the model shapes' K and N by this (default: 1 on CUDA, 8 on the CPU); KxN is kept."
     ),
-    repeats: int = typer.Option(None, help="Timed runs per point, median reported (default: 30 on CUDA, 10 on CPU)."),
+    repeats: int = typer.Option(
+        None,
+        help="Timed runs per point, median reported (default: 30 on CUDA, 10 on CPU). On the CPU each repeat is "
+        "one call per kernel in rotating order, with the cache flushed before each call for layers whose dense "
+        "fp32 weight is at least 1 MiB.",
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     threads: int = typer.Option(None, help=THREADS_HELP),
     json: str = typer.Option(None, "--json", help=JSON_HELP),
