@@ -42,10 +42,6 @@ DEFAULT_MAX_CHARS = 40_000
 the text (:func:`spread`): about 28,000 tokens of the embedded models' tokenizer, fast on a CPU. The
 held-out splits hold 181,151 (peoples-daily) and 136,123 (reviews) characters."""
 SPREAD_PIECES = 8
-SMALL_MODEL_PARAMS = 100_000_000
-"""Below this many parameters, a CPU forward pass runs on one thread by default: the matmuls are too small
-for threads to pay for their synchronisation, which on a shared CPU costs 5-10x (measured on the 2-core
-VM: 0.13 s vs 0.7-1.3 s per 512-token window of tiny-zh-llama)."""
 FIELDS = ("model", "dataset", "seqlen", "tokens", "chars", "ppl", "bits_per_char")
 
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
@@ -263,19 +259,16 @@ def load_and_score(
     score it, and release it."""
     import gptqlab
 
-    model = gptqlab.load(path, device=str(device), backend=backend)
+    # float32 activations: the reported change against an unquantized model is then the quantization's alone
+    # (the CPU loader's default for quantized models is bfloat16). threads: what the caller set.
+    dtype = torch.float32 if device.type == "cpu" else None
+    model = gptqlab.load(path, device=str(device), backend=backend, dtype=dtype, threads=torch.get_num_threads())
     tokenizer = gptqlab.load_tokenizer(path)
     try:
         return score(model, tokenizer, label or model_label(path), texts, seqlen, stride, batch_size, progress)
     finally:
         del model
         gc.collect()
-
-
-def default_threads(device: torch.device, n_params: int) -> int | None:
-    """torch CPU threads for scoring a model of ``n_params`` parameters: 1 below
-    :data:`SMALL_MODEL_PARAMS` on the CPU, else None (torch's default)."""
-    return 1 if device.type == "cpu" and n_params < SMALL_MODEL_PARAMS else None
 
 
 def _param_count(model: str) -> int:
@@ -306,7 +299,8 @@ def evaluate(
 
     max_chars: characters per text (None: all), spread over it (:func:`spread`) or, without ``spread_out``,
     its first ones. batch_size: windows per forward pass; None means 8 on CUDA and 1 on the CPU, where
-    batching does not help. threads: torch CPU threads while scoring; None means :func:`default_threads`.
+    batching does not help. threads: torch CPU threads while scoring; None means
+    :func:`gptqlab.loader.default_cpu_threads`.
     backend: for the quantized layers, as in :func:`gptqlab.load`. Returns the rows (:func:`score`), the
     device and the CPU threads used.
     """
@@ -320,7 +314,10 @@ def evaluate(
     texts = eval_texts(datasets, max_chars, spread_out)
     check_context(model, seqlen)
     batch_size = batch_size or (8 if dev.type == "cuda" else 1)
-    threads = threads or default_threads(dev, _param_count(model))
+    if threads is None and dev.type == "cpu":
+        from gptqlab.loader import default_cpu_threads
+
+        threads = default_cpu_threads(_param_count(model))
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ import json
 import math
 
 import pytest
+import torch
 from testkit import run_cli
 
 ENV_KEYS = {"date", "git_commit", "device", "torch", "transformers"}
@@ -73,7 +74,8 @@ def test_eval_ppl_fp16_and_quantized(tiny_models, quantized_llama, tmp_path):
     assert quant["ppl"] != fp16[0]["ppl"] and quant["ppl"] > 0.99 * fp16[0]["ppl"]
     # the command scores exactly what gptqlab.load + perplexity give
     _, text = load_eval_text("peoples-daily-heldout")
-    model, tokenizer = gptqlab.load(str(quantized_llama), device="cpu"), gptqlab.load_tokenizer(str(quantized_llama))
+    model = gptqlab.load(str(quantized_llama), device="cpu", dtype=torch.float32)
+    tokenizer = gptqlab.load_tokenizer(str(quantized_llama))
     direct = perplexity(model, tokenizer, text[:1500], seqlen=64, progress=False)
     assert quant["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
 

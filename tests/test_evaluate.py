@@ -143,12 +143,15 @@ def test_spread_takes_whole_lines_from_across_the_text():
     assert got == [lines[i] for q in (0, 25, 50, 75) for i in range(q, q + 5)]  # whole lines from each quarter
 
 
-def test_threads_default_to_one_for_small_models_on_the_cpu():
-    from gptqlab.evaluate import SMALL_MODEL_PARAMS, default_threads
+def test_threads_default_to_one_for_small_models_on_the_cpu(monkeypatch):
+    import os
 
-    assert default_threads(torch.device("cpu"), 5_000_000) == 1
-    assert default_threads(torch.device("cpu"), SMALL_MODEL_PARAMS) is None
-    assert default_threads(torch.device("cuda"), 5_000_000) is None
+    from gptqlab.loader import SMALL_MODEL_PARAMS, default_cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert default_cpu_threads(5_000_000) == 1
+    assert default_cpu_threads(SMALL_MODEL_PARAMS) is None
+    assert default_cpu_threads(None) is None
 
 
 def test_evaluate_scores_the_embedded_model_and_restores_threads():
@@ -157,6 +160,9 @@ def test_evaluate_scores_the_embedded_model_and_restores_threads():
     before = torch.get_num_threads()
     rows, device, threads = evaluate("tiny-zh-llama", ["reviews-heldout"], seqlen=128, max_chars=3000, progress=False)
     assert torch.get_num_threads() == before and threads == 1 and device.type == "cpu"
+    # an explicit thread count reaches the scoring (gptqlab.load must not reset it to its default)
+    _, _, threads = evaluate("tiny-zh-llama", ["reviews-heldout"], seqlen=128, max_chars=500, threads=2, progress=False)
+    assert threads == 2 and torch.get_num_threads() == before
     (row,) = rows
     assert row["model"] == "tiny-zh-llama" and row["dataset"] == "reviews-heldout"
     assert 2990 <= row["chars"] <= 3010 and row["tokens"] > 1000
