@@ -20,7 +20,7 @@ setup(
     version="0.1.0",
     description="GPTQ quantization workbench for Chinese large language models",
     python_requires=">=3.10",
-    packages=[*PACKAGE_DIR, "gptqlab.checkpoint", "gptqlab.cli", "gptqlab.quantize"],
+    packages=[*PACKAGE_DIR, "gptqlab.checkpoint", "gptqlab.cli", "gptqlab.quantize", "gptqlab.quantize.distributed"],
     package_dir=PACKAGE_DIR,
     package_data={"gptqlab": ["models/*/*", "models/*.md"]},
     include_package_data=False,
