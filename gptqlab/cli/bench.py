@@ -101,7 +101,11 @@ def kernels(
 
 @app.command()
 def peers(
-    models: str = typer.Option("tiny-zh-llama,tiny-zh-bloom", help="Comma list of embedded model names or folders."),
+    models: str = typer.Option(
+        "tiny-zh-llama,tiny-zh-bloom,random-llama-2048",
+        help="Comma list of embedded model names or folders; random-llama-2048 / random-llama-4096 (a 2-layer random "
+        "LLaMA of that hidden size, built once) are timed against GPTQModel for speed and peak memory only.",
+    ),
     settings: str = typer.Option(
         "w4g128,w4g128-act,w3g128,w8g128",
         help="Comma list of settings wBITSgGROUP[-act]: e.g. w4g128 (4-bit, group 128), w4g128-act (act-order).",
@@ -130,6 +134,11 @@ def peers(
     ),
     domain_bits: int = typer.Option(3, help="Bits of the calibration-domain runs (3: differences are visible)."),
     domain_group_size: int = typer.Option(128, help="Group size of the calibration-domain runs."),
+    speed_nsamples: int = typer.Option(16, help="Calibration sequences for the random-llama speed runs."),
+    speed_seqlen: int = typer.Option(256, help="Tokens per calibration sequence in the random-llama speed runs."),
+    speed_repeats: int = typer.Option(
+        2, help="Runs of each tool on each random-llama model, alternating the tools; medians are reported."
+    ),
     device: str = typer.Option("cpu", help="Where quantizers and evaluation run: cpu, cuda or auto."),
     threads: int = typer.Option(
         None, help="torch threads in this process and OMP_NUM_THREADS in every quantizer's (default: torch's)."
@@ -161,6 +170,9 @@ def peers(
         domain_calibs=domain_calib,
         domain_bits=domain_bits,
         domain_group_size=domain_group_size,
+        speed_nsamples=speed_nsamples,
+        speed_seqlen=speed_seqlen,
+        speed_repeats=speed_repeats,
         device=device,
         threads=threads,
         work_dir=work_dir,
