@@ -42,8 +42,8 @@ from gptqlab.benchmarks.common import (
     table,
     write_json,
 )
-from gptqlab.benchmarks.eval_ppl import model_label
 from gptqlab.errors import ConfigError
+from gptqlab.evaluate import model_label
 from gptqlab.resolve import resolve_device
 
 

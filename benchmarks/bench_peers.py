@@ -5,7 +5,7 @@ with one spec, nsamples, seqlen and seed; the JSON records a SHA-256 of them per
 settings (bits, group size, act-order, damp_percent; symmetric, true-sequential). Each runs in its own
 child process (:mod:`gptqlab.benchmarks.quantize_worker`), so wall time and peak RSS are per method.
 Every checkpoint, GPTQModel's included, is loaded with :func:`gptqlab.load` and scored by
-:func:`gptqlab.benchmarks.eval_ppl.score` on the same held-out texts.
+:func:`gptqlab.evaluate.score` on the same held-out texts.
 
 A model named ``random-llama-H`` (H = 2048 or 4096: a 2-layer LLaMA of that hidden size, intermediate
 size 11008·H/4096, random weights, built in the work folder) is for time and memory only: gptqlab GPTQ
@@ -47,10 +47,10 @@ from gptqlab.benchmarks.common import (
     table,
     write_json,
 )
-from gptqlab.benchmarks.eval_ppl import check_context, eval_texts, load_and_score, model_label
 from gptqlab.benchmarks.quantize_worker import Job
 from gptqlab.calib import load_calibration
 from gptqlab.errors import ConfigError, GptqlabError
+from gptqlab.evaluate import check_context, eval_texts, load_and_score, model_label
 from gptqlab.resolve import resolve_device
 
 DEFAULT_MODELS = ("tiny-zh-llama", "tiny-zh-bloom", "random-llama-2048")
