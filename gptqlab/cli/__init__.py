@@ -1,8 +1,10 @@
 """The ``gptqlab`` command line.
 
 Bad input raises :class:`gptqlab.errors.GptqlabError`; :func:`main` prints it as one line on stderr and
-exits with code 2, without a traceback. ``quantize``'s options are the fields of
-:class:`gptqlab.quantize.options.QuantizeOptions` (:mod:`gptqlab.cli.quantize`).
+exits with code 2, without a traceback. Under torchrun, a rank that died or stopped answering
+(:class:`~gptqlab.quantize.distributed.RankFailure`) or failed on a bug while solving a Linear
+(:class:`~gptqlab.quantize.distributed.RemoteError`) is one line too, with exit code 1. ``quantize``'s
+options are the fields of :class:`gptqlab.quantize.options.QuantizeOptions` (:mod:`gptqlab.cli.quantize`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def verify(
     typer.echo(engines.summary_line(engines.read_checkpoint(folder, trust_remote_code)))
 
 
+def _is_rank_error(exc: Exception) -> bool:
+    """Whether ``exc`` is a torchrun rank's failure (imported only when torch.distributed was used)."""
+    distributed = sys.modules.get("gptqlab.quantize.distributed.context")
+    return distributed is not None and isinstance(exc, distributed.RankFailure | distributed.RemoteError)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning GptqlabError into a one-line message and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode, typer returns the code of typer.Exit and of Ctrl-C (130) instead of raising.
         code = app(args=argv, standalone_mode=False)
     except GptqlabError as exc:
-        print(f"gptqlab: error: {printable(exc)}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # quiet: another rank reports it
+            print(f"gptqlab: error: {printable(exc)}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -116,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         print("gptqlab: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        if _is_rank_error(exc):
+            line = "; ".join([str(exc), *getattr(exc, "__notes__", [])])
+            print(f"gptqlab: error: {printable(line)}", file=sys.stderr)
+            sys.exit(1)
         # Usage errors (typer's click exceptions) know how to print themselves and carry exit code 2.
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()

@@ -89,6 +89,10 @@ def quantize(**values) -> None:
 
     Before the work starts it prints which serving engines (vLLM, SGLang, transformers) will not serve the
     chosen settings, and why; it does not refuse them (gptqlab.load reads every setting).
+
+    Under torchrun (torchrun --nproc-per-node N -m gptqlab quantize MODEL OUT; gloo on the CPU, NCCL on
+    GPUs, one GPU per rank) the ranks share the calibration batches and the Linears of each stage, rank 0
+    writes, and the checkpoint holds the same tensors as a single process's with the same threads per process.
     """
     from gptqlab.errors import printable
     from gptqlab.quantize.run import quantize as run
@@ -98,7 +102,8 @@ def quantize(**values) -> None:
         for line in engine_warnings(opts):
             typer.echo(f"warning: {printable(line)}")  # stdout: stderr is kept for the one-line error
     path = run(opts)
-    typer.echo(f"wrote {printable(path)}")
+    if path is not None:  # None: a torchrun rank other than 0, which writes nothing
+        typer.echo(f"wrote {printable(path)}")
 
 
 _PARAMS = parameters_of()

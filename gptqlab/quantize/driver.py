@@ -10,10 +10,16 @@ each block's Linears with GPTQ or RTN.
    finally run the whole block to make the next block's inputs, hand the results to ``on_block``, and
    release the block.
 
-Batches. Samples go through a block ``batch_size_for`` at a time: as many as fit a fixed activation
-budget (``batch_bytes``), computed from the model's shape and the sequence length only, so that a resumed
-run batches exactly as the first one did. The block keyword arguments (masks, rotary embeddings, ALiBi)
-are recorded once per batch size.
+Batches. Samples go through a block ``batch_size`` (default :func:`batch_size_for`) at a time: as many
+as fit a fixed activation budget (``batch_bytes``), computed from the model's shape and the sequence length
+only, so that a resumed run batches exactly as the first one did. The block keyword arguments (masks, rotary
+embeddings, ALiBi) are recorded once per batch size. Each batch is one chunk of the Hessian's chunk tree
+(:mod:`gptqlab.quantize.distributed.tree`): X_cᵀ X_c per batch, summed pairwise in chunk order, so the sum
+has the same bits whether one process or several ranks compute it.
+
+Ranks. Under ``torchrun`` (``ctx``), each rank runs its own consecutive batches through every block; per
+stage the Hessians are reduced to the ranks owning the Linears that read them, each Linear is solved by its
+owner and its result sent to every rank, and the block outputs are gathered to rank 0 for ``on_block``.
 
 Memory. Besides the block's weights: the layer inputs and outputs (``nsamples x seqlen x hidden`` each,
 in ``act_dtype``), one Hessian per distinct input of the current stage, and the GPTQ working set of one
@@ -43,9 +49,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptqlab.arch import Arch, arch_for, block_list
-from gptqlab.errors import GptqlabError
+from gptqlab.errors import ConfigError, GptqlabError
 from gptqlab.modelfiles import SafetensorsWeights, materialize, release
-from gptqlab.quant import NumericalError, QuantConfig, QuantResult, dequantize_codes, gptq, hessian_factor, rtn
+from gptqlab.quant import (
+    NumericalError,
+    QuantConfig,
+    QuantResult,
+    dequantize_codes,
+    gptq,
+    hessian_factor,
+    rtn,
+)
+from gptqlab.quantize.distributed import Distributed, HessianSum
 
 log = logging.getLogger("gptqlab")
 timing_log = logging.getLogger("gptqlab.driver")
@@ -103,8 +118,11 @@ class HessianAccumulator:
     """H = 2/T Σ_t x_t x_tᵀ over the T tokens of the calibration set, in float32, one matrix product per call.
 
     x: [..., K], any float dtype. Each x is scaled by sqrt(2/T) before the product, so the sum is H itself
-    at every step and stays within float32's range as far as H does; sums from several processes that
-    each see part of the tokens add up to the single-process H.
+    at every step and stays within float32's range as far as H does.
+
+    The driver no longer uses it: it sums with :class:`~gptqlab.quantize.distributed.HessianSum`, whose
+    fixed pairwise order gives the same bits for any number of torchrun ranks. It remains for the tests
+    that use it as a plain reference (tests/quant/test_driver.py, tests/quant/test_device.py).
     """
 
     def __init__(self, K: int, device: torch.device, total_tokens: int):
@@ -119,15 +137,22 @@ class HessianAccumulator:
 
 
 class _StageHessians:
-    """Forward hooks on one stage's Linears: one accumulator per distinct input tensor (q/k/v, gate/up
-    share theirs), and a stop once every Linear of the stage has run in the current forward pass."""
+    """Forward hooks on one stage's Linears: one :class:`HessianSum` per distinct input tensor (q/k/v,
+    gate/up share theirs), fed once per forward batch (= chunk of the chunk tree), and a stop once every
+    Linear of the stage has run in the current forward pass."""
 
-    def __init__(self, modules: dict[str, nn.Linear], device: torch.device, total_tokens: int, stop: bool):
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        ctx: Distributed,
+        num_chunks: int,
+        stop: bool,
+    ):
         self.modules = modules
-        self.device = device
-        self.total_tokens = total_tokens
+        self.ctx = ctx
+        self.num_chunks = num_chunks
         self.stop = stop
-        self.acc: dict[str, HessianAccumulator] = {}
+        self.acc: dict[str, HessianSum] = {}
         self.owner: dict[str, str] = {}  # Linear → the Linear whose accumulator holds its Hessian
         self._seen: list[tuple[torch.Tensor, str]] = []  # (input, owner) in the current forward
         self._fired: set[str] = set()
@@ -142,7 +167,8 @@ class _StageHessians:
                 if self.owner.setdefault(name, name) != name:
                     raise GptqlabError(f"{name} read a different input than in the first batch")
                 acc = self.acc.get(name) or self.acc.setdefault(
-                    name, HessianAccumulator(self.modules[name].in_features, self.device, self.total_tokens)
+                    name,
+                    self.ctx.hessian(self.modules[name].in_features, self.num_chunks),
                 )
                 acc.add(x)
                 self._seen.append((x, name))
@@ -159,9 +185,14 @@ class _StageHessians:
         self._seen.clear()
         self._fired.clear()
 
-    def hessian(self, name: str) -> torch.Tensor | None:
-        """The Hessian of a Linear's input; None once the driver has factored and freed it."""
-        return self.acc[self.owner[name]].H
+    def reduce(self, names: list[str], owners: list[int], prefix: str) -> dict[str, torch.Tensor | None]:
+        """{distinct input: its Hessian [K, K]} on the ranks that own a Linear reading it (None elsewhere),
+        reduced in stage order, the same on every rank."""
+        out = {}
+        for d in dict.fromkeys(self.owner[n] for n in names):
+            users = [r for n, r in zip(names, owners, strict=True) if self.owner[n] == d]
+            out[d] = self.acc.pop(d).reduce(users, f"{prefix}.{d}")
+        return out
 
 
 class _Captured(Exception):
@@ -205,7 +236,11 @@ def batch_size_for(model: nn.Module, seqlen: int, nsamples: int, batch_bytes: in
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, arch: Arch, input_ids: torch.Tensor, device: torch.device, batch: int = 1
+    model: nn.Module,
+    arch: Arch,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    batch: int = 1,
 ) -> tuple[list[torch.Tensor], dict[int, dict]]:
     """Inputs of the first decoder block for the calibration samples, ``batch`` at a time, and the keyword
     arguments the model passes to its blocks (masks, rotary embeddings, ALiBi) for each batch size.
@@ -235,7 +270,12 @@ def capture_inputs(
     return store, kwargs_by_size
 
 
-def _run_block(block: nn.Module, inputs: list, kwargs_by_size: dict, out_dtype: torch.dtype | None = None) -> list:
+def _run_block(
+    block: nn.Module,
+    inputs: list,
+    kwargs_by_size: dict,
+    out_dtype: torch.dtype | None = None,
+) -> list:
     outs = []
     for x in inputs:
         y = _first(block(x.to(_param_dtype(block)), **kwargs_by_size[x.shape[0]]))
@@ -264,7 +304,12 @@ def _collect(block: nn.Module, hooks: _StageHessians, names, inputs: list, kwarg
 
 
 def _quantize_weight(
-    name: str, W: torch.Tensor, H: torch.Tensor | None, qcfg: QuantConfig, method: str, factor=None
+    name: str,
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    qcfg: QuantConfig,
+    method: str,
+    factor=None,
 ) -> QuantResult:
     if not bool(torch.isfinite(W).all()):
         raise GptqlabError(f"layer {name}: the weights contain NaN or Inf; the checkpoint is damaged")
@@ -273,7 +318,12 @@ def _quantize_weight(
     except NumericalError as exc:
         raise _numerical(name, exc, H) from exc
     if res.damp_percent is not None and res.damp_percent != qcfg.damp_percent:
-        log.warning("layer %s: Cholesky failed, damp_percent raised %g → %g", name, qcfg.damp_percent, res.damp_percent)
+        log.warning(
+            "layer %s: Cholesky failed, damp_percent raised %g → %g",
+            name,
+            qcfg.damp_percent,
+            res.damp_percent,
+        )
     return res
 
 
@@ -286,22 +336,59 @@ def _numerical(name: str, exc: Exception, H: torch.Tensor) -> GptqlabError:
     )
 
 
-def _factors(names, hooks: _StageHessians, qcfg: QuantConfig, method: str, prefix: str) -> dict:
-    """One Hessian factorization per distinct input of the stage (GPTQ only). Each Hessian is freed once
-    it is factored: GPTQ needs only the factor, and for a 11008-input down_proj that is 485 MB."""
-    if method != "gptq":
-        return {}
-    out = {}
-    for owner in dict.fromkeys(hooks.owner[n] for n in names):
-        acc = hooks.acc[owner]
-        if not bool(torch.isfinite(acc.H).all()):
-            continue  # gptq raises the message that names the layer
-        try:
-            out[owner] = hessian_factor(acc.H, qcfg.damp_percent, qcfg.desc_act)
-        except NumericalError as exc:
-            raise _numerical(f"{prefix}.{owner}", exc, acc.H) from exc
-        acc.H = None
-    return out
+class _StageSolver:
+    """The solve of each Linear of a stage on the rank that owns it. The Hessian of each distinct input is
+    factored once, when the first Linear that reads it is solved on this rank, and then freed: GPTQ needs
+    only the factor, and for a 11008-input down_proj H is 485 MB. Errors (a factorization that no dampening
+    fixes) are raised inside the solve, so that :meth:`Distributed.solve_stage` stops every rank with them."""
+
+    def __init__(
+        self,
+        hessians: dict,
+        owner: dict[str, str],
+        qcfg: QuantConfig,
+        method: str,
+        prefix: str,
+    ):
+        self.hessians = hessians
+        self.owner = owner
+        self.qcfg = qcfg
+        self.method = method
+        self.prefix = prefix
+        self.factors: dict = {}
+
+    def solve(self, name: str, lin: nn.Linear) -> Callable[[], QuantResult]:
+        return lambda: self._solve(name, lin)
+
+    def _solve(self, name: str, lin: nn.Linear) -> QuantResult:
+        d = self.owner[name]
+        H = self.hessians[d]
+        if self.method == "gptq" and d not in self.factors and H is not None and bool(torch.isfinite(H).all()):
+            try:  # a non-finite H is left to gptq, which raises the message that names the layer
+                self.factors[d] = hessian_factor(H, self.qcfg.damp_percent, self.qcfg.desc_act)
+            except NumericalError as exc:
+                raise _numerical(f"{self.prefix}.{d}", exc, H) from exc
+            self.hessians[d] = H = None
+        return _quantize_weight(
+            f"{self.prefix}.{name}",
+            lin.weight.data,
+            H,
+            self.qcfg,
+            self.method,
+            self.factors.get(d),
+        )
+
+
+def cpu_threads(model: nn.Module, device: str | torch.device, threads: int | None = None) -> int | None:
+    """The CPU threads :func:`quantize_model` runs on: ``threads``, else 1 for blocks under
+    ``SMALL_BLOCK_PARAMS`` parameters, else torch's setting; None off the CPU. (GPTQ's bits depend on it:
+    MKL splits sums across threads.)"""
+    if torch.device(device).type != "cpu":
+        return None
+    if threads is None:
+        per_block = sum(p.numel() for p in block_list(model, arch_for(model))[0].parameters())
+        threads = 1 if per_block < SMALL_BLOCK_PARAMS else torch.get_num_threads()
+    return threads
 
 
 @torch.no_grad()
@@ -320,6 +407,8 @@ def quantize_model(
     act_dtype: torch.dtype | None = None,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     threads: int | None = None,
+    batch_size: int | None = None,
+    ctx: Distributed | None = None,
 ) -> list[LayerReport]:
     """Quantize every decoder-block Linear of ``model`` in place, block by block.
 
@@ -336,15 +425,22 @@ def quantize_model(
     act_dtype: dtype in which layer inputs and outputs are kept between blocks (default: ``dtype``); a
         half-precision type halves their memory, each block still computes in its weights' dtype.
     batch_bytes: activation budget of one forward batch, see :func:`batch_size_for`.
-    threads: CPU threads while quantizing (restored afterwards); default 1 for blocks with fewer than
-        ``SMALL_BLOCK_PARAMS`` parameters, torch's setting otherwise. Ignored on other devices.
-    Returns one LayerReport per Linear of the blocks it quantized, in block order.
+    threads: CPU threads while quantizing (restored afterwards); default: :func:`cpu_threads`. Ignored on
+        other devices.
+    batch_size: samples per forward batch; default: :func:`batch_size_for` with ``batch_bytes``. The
+        batches are the chunks of the Hessian's chunk tree (:mod:`gptqlab.quantize.distributed.tree`), so
+        the bits depend on it; it must not depend on the machine or the number of ranks.
+    ctx: the ranks of a ``torchrun`` run (default: this process alone). Each rank runs its chunks of the
+        samples, the Hessians are reduced to the ranks that own the Linears reading them, each Linear is
+        solved by its owner and its result shared, so every rank holds the same quantized block; the block
+        outputs are gathered to rank 0, which alone calls ``on_block`` and shows progress. With
+        ``start``, only rank 0 passes ``inputs``. The result is bit for bit that of one process with the
+        same threads per process.
+    Returns one LayerReport per Linear of the blocks it quantized, in block order (on every rank).
     """
-    if threads is None and torch.device(device).type == "cpu":
-        per_block = sum(p.numel() for p in block_list(model, arch_for(model))[0].parameters())
-        threads = 1 if per_block < SMALL_BLOCK_PARAMS else None
+    threads = cpu_threads(model, device, threads)
     saved = torch.get_num_threads()
-    if threads is not None and torch.device(device).type == "cpu":
+    if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _quantize_model(
@@ -360,14 +456,28 @@ def quantize_model(
             start,
             inputs,
             act_dtype,
-            batch_bytes,
+            batch_size or batch_size_for(model, input_ids.shape[1], input_ids.shape[0], batch_bytes),
+            ctx or Distributed.single(device),
         )
     finally:
         torch.set_num_threads(saved)
 
 
 def _quantize_model(
-    model, input_ids, qcfg, method, device, dtype, weights, on_block, progress, start, inputs, act_dtype, batch_bytes
+    model,
+    input_ids,
+    qcfg,
+    method,
+    device,
+    dtype,
+    weights,
+    on_block,
+    progress,
+    start,
+    inputs,
+    act_dtype,
+    batch,
+    ctx,
 ) -> list[LayerReport]:
     if method not in METHODS:
         raise GptqlabError(f"unknown method {method!r}; choose gptq or rtn")
@@ -375,20 +485,27 @@ def _quantize_model(
     act_dtype = act_dtype or dtype
     arch = arch_for(model)
     blocks = block_list(model, arch)
-    nsamples, seqlen = input_ids.shape
-    batch = batch_size_for(model, seqlen, nsamples, batch_bytes)
+    nsamples = input_ids.shape[0]
+    num_chunks = math.ceil(nsamples / batch)
+    if ctx.world > num_chunks:
+        raise ConfigError(
+            f"{ctx.world} ranks but only {num_chunks} forward batches of {batch} samples to share among them; "
+            "start fewer ranks, or give more --nsamples or a smaller --batch-size"
+        )
+    mine = ctx.my_samples(nsamples, batch)  # this rank's chunks: consecutive batches of ``batch`` samples
     if start:
-        if inputs is None or not 0 < start <= len(blocks):
+        if (ctx.is_writer and inputs is None) or not 0 < start <= len(blocks):
             raise ValueError(f"resuming at block {start} of {len(blocks)} needs that block's inputs")
-        sizes = sorted({min(batch, nsamples - j) for j in range(0, nsamples, batch)})
+        inputs = ctx.scatter_inputs(inputs if ctx.is_writer else None, ctx.sample_counts(nsamples, batch))
+        sizes = sorted({min(batch, mine.stop - j) for j in range(mine.start, mine.stop, batch)})
         kwargs_by_size = {}
         for b in sizes:  # the keyword arguments for each batch size, from the first samples
             kwargs_by_size.update(capture_inputs(model, arch, input_ids[:b], device, b)[1])
         batches = [
-            torch.cat([x.to(device, act_dtype) for x in inputs[j : j + batch]]) for j in range(0, nsamples, batch)
+            torch.cat([x.to(device, act_dtype) for x in inputs[j : j + batch]]) for j in range(0, len(mine), batch)
         ]
     else:
-        batches, kwargs_by_size = capture_inputs(model, arch, input_ids, device, batch)
+        batches, kwargs_by_size = capture_inputs(model, arch, input_ids[mine.start : mine.stop], device, batch)
         batches = [x.to(act_dtype) for x in batches]
     reports: list[LayerReport] = []
     stages = arch.stages if qcfg.true_sequential else (arch.linears,)
@@ -398,7 +515,7 @@ def _quantize_model(
         unit="block",
         initial=start,
         total=len(blocks),
-        disable=not progress,
+        disable=not (progress and ctx.is_writer),
     )
     for i in bar:
         t_block = time.perf_counter()
@@ -412,38 +529,50 @@ def _quantize_model(
         modules = dict(block.named_modules())
         done: dict[str, QuantizedLinear] = {}
         for stage in stages:
-            hooks = _StageHessians({n: modules[n] for n in stage}, device, nsamples * seqlen, stop=True)
+            hooks = _StageHessians({n: modules[n] for n in stage}, ctx, num_chunks, stop=True)
             t0 = time.perf_counter()
             _collect(block, hooks, stage, batches, kwargs_by_size)
             timing.forward += time.perf_counter() - t0 - hooks.seconds
-            timing.hessian += hooks.seconds
             t0 = time.perf_counter()
-            factors = _factors(stage, hooks, qcfg, method, prefix)
+            owners = ctx.owners([(modules[n].out_features, modules[n].in_features) for n in stage])
+            hessians = hooks.reduce(stage, owners, prefix)
+            timing.hessian += hooks.seconds + time.perf_counter() - t0
+            solver = _StageSolver(hessians, hooks.owner, qcfg, method, prefix)
+            t0 = time.perf_counter()
+            solved = ctx.solve_stage(
+                owners,
+                [solver.solve(n, modules[n]) for n in stage],
+                [f"{prefix}.{n}" for n in stage],
+            )
             timing.solve += time.perf_counter() - t0
-            for n in stage:
-                lin = modules[n]
-                t0 = time.perf_counter()
-                res = _quantize_weight(
-                    f"{prefix}.{n}", lin.weight.data, hooks.hessian(n), qcfg, method, factors.get(hooks.owner[n])
-                )
+            for n, outcome in zip(stage, solved, strict=True):
+                lin, res = modules[n], outcome.result
                 lin.weight.data = res.Q.to(device=lin.weight.device, dtype=lin.weight.dtype)
-                host = _to_host(res)
-                seconds = time.perf_counter() - t0
-                timing.solve += seconds
                 bias = None if lin.bias is None else lin.bias.data.detach().to("cpu")
                 loss = res.loss if res.loss is not None else float("nan")
                 report = LayerReport(
-                    f"{prefix}.{n}", lin.in_features, lin.out_features, loss, seconds, res.damp_percent
+                    f"{prefix}.{n}",
+                    lin.in_features,
+                    lin.out_features,
+                    loss,
+                    outcome.seconds,
+                    res.damp_percent,
                 )
-                done[n] = QuantizedLinear(host, bias, report)
+                done[n] = QuantizedLinear(_to_host(res), bias, report)
                 reports.append(report)
-                del res
-            del hooks, factors
+            del hooks, hessians, solver, solved
         t0 = time.perf_counter()
         batches = _run_block(block, batches, kwargs_by_size, act_dtype)
         timing.forward += time.perf_counter() - t0
-        if on_block is not None:
-            on_block(i, block, done, [x[j : j + 1] for x in batches for j in range(x.shape[0])])
+        everything = ctx.gather_inputs(batches)  # rank 0: every rank's batches, in sample order
+        if on_block is not None and ctx.is_writer:
+            on_block(
+                i,
+                block,
+                done,
+                [x[j : j + 1] for x in everything for j in range(x.shape[0])],
+            )
+        del everything
         if weights is not None:
             release(block)
         else:
@@ -467,7 +596,12 @@ def _quantize_model(
 def _to_host(res: QuantResult) -> QuantResult:
     """The result on the host, once per Linear, without its dequantized weight."""
     return replace(
-        res, codes=res.codes.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu(), Q=None
+        res,
+        codes=res.codes.cpu(),
+        scales=res.scales.cpu(),
+        zeros=res.zeros.cpu(),
+        g_idx=res.g_idx.cpu(),
+        Q=None,
     )
 
 

@@ -2,9 +2,10 @@
 
 Resuming. ``OUT.partial/`` holds
 
-- ``run.json``: everything that decides the bytes of the result (settings, resolved seqlen, device type
-  and dtype, gptqlab and torch versions, size and mtime of the model's config and weight files, and the
-  SHA-256 of the calibration tokens);
+- ``run.json``: everything that decides the bytes of the result (settings, the resolved nsamples, seqlen and
+  forward batch size, CPU threads per process, device type, dtype and layer-input dtype, gptqlab and torch
+  versions, size and mtime of the model's config and weight files, and the SHA-256 of the calibration
+  tokens); not the number of torchrun ranks, which does not change the bits;
 - ``blocks/block-XXXXX.safetensors``: the packed tensors of each finished block;
 - ``state.safetensors``: the inputs of the next block (the outputs of the last finished one) with, in its
   metadata, that block's number, the reports of the finished Linears, the SHA-256 of every finished block
@@ -68,7 +69,6 @@ RESUME_SETTINGS = (
     "sym",
     "method",
     "calib",
-    "nsamples",
     "seed",
     "format",
     "damp_percent",
@@ -111,19 +111,37 @@ def _model_files(model_dir: Path) -> dict[str, list[int]]:
 
 
 def run_record(
-    opts: QuantizeOptions, model_dir: Path, input_ids: torch.Tensor, device, dtype, nblocks: int, written: str
+    opts: QuantizeOptions,
+    model_dir: Path,
+    input_ids: torch.Tensor,
+    device,
+    dtype,
+    nblocks: int,
+    written: str,
+    *,
+    batch_size: int,
+    threads: int | None,
+    act_dtype: torch.dtype,
 ) -> dict:
     """What ``run.json`` holds: everything that decides the bytes of the block files (JSON types only).
-    dtype: what the block computes in; written: the float type of the unquantized tensors in the checkpoint."""
+    input_ids: the calibration tokens [nsamples, seqlen] (their shape gives the resolved nsamples and seqlen);
+    dtype: what the block computes in; written: the float type of the unquantized tensors in the checkpoint;
+    batch_size: samples per forward batch (the chunks of the Hessian sum); threads: CPU threads per process
+    (None off the CPU), which decide how MKL splits sums; act_dtype: how layer inputs are kept between blocks.
+    The number of torchrun ranks is not recorded: it does not change the bits, so a run may resume with another."""
+    nsamples, seqlen = input_ids.shape
     record = {
         "gptqlab": __version__,
         "torch": torch.__version__,
         "model": str(model_dir.resolve()),
         "model_files": _model_files(model_dir),
         "blocks": nblocks,
-        "settings": {k: getattr(opts, k) for k in RESUME_SETTINGS} | {"seqlen": int(input_ids.shape[1])},
+        "settings": {k: getattr(opts, k) for k in RESUME_SETTINGS}
+        | {"nsamples": int(nsamples), "seqlen": int(seqlen), "batch_size": batch_size},
         "device": torch.device(device).type,
         "dtype": str(dtype),
+        "act_dtype": str(act_dtype),
+        "threads": threads,
         "written_dtype": written,
         "calibration_sha256": hashlib.sha256(input_ids.contiguous().numpy().tobytes()).hexdigest(),
     }

@@ -37,8 +37,9 @@ import torch.distributed as dist
 from gptqlab.errors import ConfigError, GptqlabError, printable
 from gptqlab.quant import QuantResult
 from gptqlab.quantize.distributed.tree import Node, PairwiseSum, cover, rank_chunks, rank_samples
+from gptqlab.quantize.options import DEFAULT_DIST_TIMEOUT
 
-DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for another; the owner of a large Linear may be solving it
+DEFAULT_TIMEOUT = DEFAULT_DIST_TIMEOUT  # seconds a rank waits for another
 
 # Tensors travel as bytes with a header of (dtype code, ndim, shape); the codes index this tuple.
 _DTYPES = (
