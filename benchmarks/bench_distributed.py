@@ -13,6 +13,14 @@ after each block rank 0 gathers every sample's output, as it will to write the p
 are transformers' LlamaDecoderLayer with random weights (seed 0) at ``--hidden`` widths, the inputs random
 hidden states: no model files, no tokenizer, no checkpoint writing.
 
+With ``--end-to-end`` the real command runs instead: ``gptqlab quantize`` on a random LLaMA folder of those
+widths (``--layers`` blocks, fp16 weights, the news tokenizer of ``quantize_7b_layers``, peoples-daily
+calibration), one process against ``torchrun --nproc-per-node N -m gptqlab quantize``, alternately, every
+process on one thread. Timed: launch to exit, the run's own ``seconds`` from its quant_report.json
+(model loading and calibration included), and the CPU seconds of all its processes (on a shared machine,
+2 ranks can only be faster when 2 cores are free: compare the load average printed with each run); the
+checkpoints' tensors are compared by a SHA-256 over all of them in name order.
+
 Three configurations run alternately, ``--repeats`` times each (a shared machine is noisy): one process
 with one thread (the bit-exact reference), one process with ``--ranks`` threads (what a single run gets
 from the same cores), and ``--ranks`` ranks with one thread each, started by torchrun. Timed inside the
@@ -29,6 +37,8 @@ import argparse
 import hashlib
 import json
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -165,6 +175,98 @@ def _launch(args, config: str, result: Path) -> dict:
     return record
 
 
+E2E_CONFIGS = ("1 process", "N ranks (torchrun)")
+
+
+def _tensors_digest(folder: Path) -> str:
+    """SHA-256 over every tensor of a checkpoint (name, dtype, shape, bytes) in name order."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            found.update({k: h.get_tensor(k) for k in h.keys()})
+    h = hashlib.sha256()
+    for k in sorted(found):
+        t = found[k].contiguous()
+        h.update(f"{k} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def end_to_end(args) -> int:
+    """``gptqlab quantize`` in one process against ``--ranks`` torchrun ranks on a random LLaMA folder."""
+    from gptqlab.benchmarks.common import env_line, environment, table, write_json
+    from gptqlab.benchmarks.quantize_7b_layers import write_random_llama
+
+    env_info = environment(torch.device("cpu"))
+    print(env_line(env_info))
+    flags = ["--nsamples", args.nsamples, "--seqlen", args.seqlen, "--batch-size", args.chunk]
+    flags += ["--bits", args.bits, "--group-size", args.group_size, "--calib", "peoples-daily", "-q"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    runs: dict[str, list[dict]] = {c: [] for c in E2E_CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        write_random_llama(model, args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads)
+        for rep in range(args.repeats):
+            for i, config in enumerate(E2E_CONFIGS):
+                out = Path(tmp) / f"out-{rep}-{i}"
+                cmd = [sys.executable]
+                if i == 1:
+                    cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}"]
+                cmd += ["-m", "gptqlab", "quantize", str(model), str(out), *map(str, flags)]
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{config} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+                report = json.loads((out / "quant_report.json").read_text())
+                cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                record = {"wall": wall, "seconds": report["seconds"], "cpu": cpu, "digest": _tensors_digest(out)}
+                runs[config].append(record)
+                print(
+                    f"  {config}: {wall:.1f} s wall, {report['seconds']:.1f} s run, {cpu:.1f} CPU s (run {rep + 1}); "
+                    f"load average {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+                shutil.rmtree(out)
+    reference = runs[E2E_CONFIGS[0]][0]["digest"]
+    base = statistics.median(r["wall"] for r in runs[E2E_CONFIGS[0]])
+    base_run = statistics.median(r["seconds"] for r in runs[E2E_CONFIGS[0]])
+    rows, summary = [], {}
+    for config in E2E_CONFIGS:
+        wall = statistics.median(r["wall"] for r in runs[config])
+        secs = statistics.median(r["seconds"] for r in runs[config])
+        equal = all(r["digest"] == reference for r in runs[config])
+        name = config.replace("N", str(args.ranks))
+        cpu = statistics.median(r["cpu"] for r in runs[config])
+        summary[name] = {
+            "wall": wall,
+            "run_seconds": secs,
+            "cpu_seconds_all_processes": cpu,
+            "speedup_wall": base / wall,
+            "speedup_run": base_run / secs,
+            "bit_equal_to_1_process": equal,
+            "runs": runs[config],
+        }
+        rows.append([name, wall, secs, cpu, base / wall, base_run / secs, equal])
+    print(
+        f"\ngptqlab quantize, random LLaMA: {args.layers} layer(s), hidden {args.hidden}, intermediate "
+        f"{args.intermediate}; {args.nsamples} x {args.seqlen} tokens in batches of {args.chunk}; "
+        f"GPTQ w{args.bits} g{args.group_size}; one thread per process"
+    )
+    headers = ["configuration", "wall s", "run s", "CPU s (all)", "speedup (wall)", "speedup (run)", "bit-equal"]
+    print(table(headers, rows))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "result")}
+        out = {"env": env_info, "settings": settings, "mode": "end-to-end", "results": summary}
+        print(f"wrote {write_json(args.json, out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
@@ -179,12 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=2, help="ranks, and threads of the multi-thread run (default 2)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (default 2)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="time the real `gptqlab quantize` (1 process vs torchrun) on a random LLaMA folder instead",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    if args.end_to_end:
+        return end_to_end(args)
 
     from gptqlab.benchmarks.common import env_line, environment, table, write_json
 

@@ -379,9 +379,10 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float,
         threads=threads,
         act_dtype=act_dtype,
     )
-    # Every rank must compute the same bits: same settings, tokens, versions, dtypes and threads. The model's
-    # path and file times may differ between machines, so they are left out of the comparison.
-    shared = {k: v for k, v in record.items() if k not in ("model", "model_files")}
+    # Every rank must compute the same bits: same settings, tokens, versions, dtypes, threads and model files.
+    # The model's path and its files' times may differ between machines: only the files' sizes are compared.
+    shared = {k: v for k, v in record.items() if k != "model"}
+    shared["model_files"] = {name: size for name, (size, _mtime) in record["model_files"].items()}
     ctx.agree(json.dumps(shared, sort_keys=True), "settings (or thread count, gptqlab or torch version)")
     _on_writer(ctx, "reading OUT.partial", lambda: run.open(record, opts.resume))
     (finished,) = ctx.broadcast_tensors(
