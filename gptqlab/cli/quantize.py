@@ -9,6 +9,7 @@ values back into a ``QuantizeOptions``. The command's signature is set from the 
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from dataclasses import MISSING, Field, fields
 from enum import Enum
@@ -98,7 +99,7 @@ def quantize(**values) -> None:
     from gptqlab.quantize.run import quantize as run
 
     opts = options_from(values)
-    if opts.progress:
+    if opts.progress and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
         for line in engine_warnings(opts):
             typer.echo(f"warning: {printable(line)}")  # stdout: stderr is kept for the one-line error
     path = run(opts)
