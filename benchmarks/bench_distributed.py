@@ -2,10 +2,11 @@
 whether the N-rank result is bit-equal to the single-process one.
 
     python -m gptqlab.benchmarks.bench_distributed [--hidden 1024] [--layers 1] [--nsamples 16] [--seqlen 256]
-        [--chunk 2] [--ranks 2] [--repeats 2] [--json FILE]
+        [--chunk 2] [--ranks 2] [--repeats 2] [--json FILE] [--end-to-end]
 
-The building blocks of :mod:`gptqlab.quantize.distributed` run the layer-wise loop the way the driver will
-once they are wired in: calibration samples are cut into chunks of ``--chunk`` samples; each rank runs its
+By default the building blocks of :mod:`gptqlab.quantize.distributed` run a stripped copy of the driver's
+layer-wise loop (no model files, calibration or checkpoint writing, so the distributed part is timed
+alone, with a phase breakdown): calibration samples are cut into chunks of ``--chunk`` samples; each rank runs its
 chunks through each stage of a block with a hook that adds X_cᵀ X_c to a :class:`HessianSum` (one per
 stage: the Linears of a LLaMA stage read the same input); the Hessian is reduced to the owners of the
 stage's Linears; every rank solves its own Linears (GPTQ) and receives the others'; and
