@@ -197,3 +197,43 @@ def test_more_ranks_than_batches_is_refused(deep_model, args, tmp_path):
     assert done.returncode != 0
     assert "2 ranks but only 1 forward batches of 2 samples" in done.stderr, done.stderr
     assert not out.exists() and not partial_dir(out).exists()
+
+
+def rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of the rank that writes ``out`` (found by its command line and RANK), or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_under_torchrun_a_killed_rank_publishes_nothing_and_keeps_the_blocks(deep_model, single, args, tmp_path):
+    """torchrun's agent stops the other ranks (SIGTERM) as soon as one dies and names the first failure
+    itself; gptqlab must publish nothing and leave OUT.partial consistent, so that a rerun completes it."""
+    out = tmp_path / "out"
+    cmd = [str(c) for c in [*TORCHRUN, "-m", "gptqlab", "quantize", deep_model, out, *args]]
+    proc = subprocess.Popen(cmd, env={**ENV, SLOW_BLOCK_ENV: "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        block0 = partial_dir(out) / "blocks" / "block-00000.safetensors"
+        deadline = time.monotonic() + LIMIT
+        while not block0.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = rank_pid(out, 1)
+        assert block0.exists() and pid is not None
+        os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=LIMIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert not out.exists() and block0.exists()
+    done = run([*QUANTIZE, deep_model, out, *args])
+    assert done.returncode == 0, done.stderr
+    assert "continuing at block" in done.stderr
+    assert_same_tensors(out, single)
