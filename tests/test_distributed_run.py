@@ -95,8 +95,9 @@ def single(deep_model, args, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model", ["deep", "tiny-zh-llama"])
-def test_torchrun_writes_the_single_process_checkpoint(model, deep_model, single, args, tmp_path):
+@pytest.mark.parametrize(("model", "ranks"), [("deep", 2), ("tiny-zh-llama", 2), ("deep", 3)])
+def test_torchrun_writes_the_single_process_checkpoint(model, ranks, deep_model, single, args, tmp_path):
+    """4 batches of 2 samples: 2 + 2 on 2 ranks, 1 + 1 + 2 on 3 (partial sums that are not one tree node)."""
     if model == "deep":
         name, want = deep_model, single
     else:  # the embedded model (4 blocks, hidden 128): its own single-process run
@@ -104,12 +105,13 @@ def test_torchrun_writes_the_single_process_checkpoint(model, deep_model, single
         done = run([*QUANTIZE, name, want, *args])
         assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
-    done = run([*TORCHRUN, "-m", "gptqlab", "quantize", name, out, *args])
+    launcher = [*TORCHRUN[:-1], str(ranks)]
+    done = run([*launcher, "-m", "gptqlab", "quantize", name, out, *args])
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote ") == 1  # rank 0 alone writes and says so
     assert_same_tensors(out, want)
     report = json.loads((out / "quant_report.json").read_text())
-    assert report["ranks"] == 2 and report["threads"] == 1
+    assert report["ranks"] == ranks and report["threads"] == 1
     assert report["settings"]["batch_size"] == 2 and report["settings"]["nsamples"] == 8
     assert not partial_dir(out).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(["single"] if model != "deep" else [])])
