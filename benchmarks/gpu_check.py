@@ -414,9 +414,9 @@ def _rtn_linear(linear, ctx: Context):
     import torch
 
     from gptqlab.qlinear import QuantLinear
+    from gptqlab.quant import rtn
     from gptqlab.quant.config import QuantConfig
     from gptqlab.quant.pack import pack_rows
-    from gptqlab.quant.rtn import rtn
 
     res = rtn(linear.weight.data, QuantConfig(bits=ctx.bits, group_size=ctx.group_size, sym=False))
     qweight = pack_rows(res.codes.t().to(torch.int32), ctx.bits)  # [K*bits/32, N]

@@ -54,8 +54,8 @@ from transformers import (
 from gptqlab.calib import BUILTIN_SOURCES, builtin_texts, load_calibration, load_eval_text
 from gptqlab.embedded import EMBEDDED_MODELS, models_dir
 from gptqlab.evaluate import PerplexityResult, perplexity
+from gptqlab.quant import rtn
 from gptqlab.quant.config import QuantConfig
-from gptqlab.quant.rtn import rtn
 from gptqlab.quantize.driver import quantize_model
 
 VOCAB_SIZE = 8000
