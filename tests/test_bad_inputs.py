@@ -755,7 +755,7 @@ def test_real_write_error_from_safetensors(tiny_models, calib_file, tmp_path):
     script = (
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (110_000, 110_000))\n"
         "from gptqlab.cli import main\n"
         "main(sys.argv[1:])\n"
     )

@@ -63,7 +63,10 @@ def test_checkpoint_dequantizes_to_exactly_the_quantized_weights(tiny_models, tm
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     ids = load_calibration("peoples-daily", tok, 8, 64, 0).input_ids
-    quantize_model(model, ids, QuantConfig(bits=4, group_size=64, desc_act=True), progress=False)
+    # as the CLI on the CPU: float16 layer inputs (run.py), so both give the same codes
+    quantize_model(
+        model, ids, QuantConfig(bits=4, group_size=64, desc_act=True), act_dtype=torch.float16, progress=False
+    )
     tensors = load_all(out)
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and f"{name}.qweight" in tensors:
