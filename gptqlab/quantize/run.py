@@ -20,13 +20,11 @@ stay in ``OUT.partial`` for a rerun (with any number of ranks, or none).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,12 +39,11 @@ from gptqlab.checkpoint.write import (
     publish,
     save_atomic,
     sha256_file,
-    temp_dir_for,
     write_json,
     write_manifest,
     write_shards,
 )
-from gptqlab.errors import ConfigError, GptqlabError, printable
+from gptqlab.errors import GptqlabError, printable
 from gptqlab.evaluate import model_context_length
 from gptqlab.modelfiles import (
     check_layer_count,
@@ -56,12 +53,20 @@ from gptqlab.modelfiles import (
     model_skeleton,
     open_weights,
 )
-from gptqlab.quant.pack import codes_per_run
 from gptqlab.quantize.distributed import Distributed, RankFailure, RemoteError
 from gptqlab.quantize.driver import LayerReport, QuantizedLinear, batch_size_for, cpu_threads, quantize_model
 from gptqlab.quantize.lock import lock_path, locked
 from gptqlab.quantize.options import QuantizeOptions, calibration_size, parse_size
-from gptqlab.quantize.progress import PartialRun, partial_dir, run_record, write_error
+from gptqlab.quantize.preflight import (
+    check_inputs_untouched,
+    check_out,
+    check_packable,
+    check_vocab,
+    input_paths,
+    output_path,
+    probe_name,
+)
+from gptqlab.quantize.progress import PartialRun, run_record, write_error
 from gptqlab.resolve import resolve_device, resolve_model_dir
 
 log = logging.getLogger("gptqlab")
@@ -79,100 +84,6 @@ def model_context(config, tokenizer) -> int | None:
         return context
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
-
-
-def _output_path(text: str) -> Path:
-    """OUT as a path, refused when no folder can be made under that name."""
-    if "\0" in text:
-        raise GptqlabError(f"output {text!r} contains a NUL character; choose another OUT")
-    out = Path(text).expanduser()
-    if out.name in ("", ".", ".."):
-        raise GptqlabError(f"output {text!r} does not name a folder; give OUT as a new folder's path")
-    return out
-
-
-def _written_paths(out: Path) -> list[Path]:
-    """Everything a run that writes ``out`` creates, moves or deletes."""
-    old = out.parent / f".{out.name}.old"  # where publish() moves a checkpoint that --overwrite replaces
-    return [out, partial_dir(out), temp_dir_for(out), old, lock_path(out)]
-
-
-def _input_paths(model_dir: Path, calib: str) -> list[tuple[str, Path]]:
-    """(what, path) of the run's local inputs: the model folder and the calibration files or folders."""
-    from gptqlab.calib import parse_spec
-
-    inputs = [("the model folder", model_dir)]
-    for source in parse_spec(calib):
-        if source.path is not None and Path(source.path).expanduser().exists():
-            inputs.append((f"calibration source {source.label}", Path(source.path).expanduser()))
-    return inputs
-
-
-def _check_inputs_untouched(out: Path, inputs: list[tuple[str, Path]]) -> None:
-    """Refuse an OUT whose writing could touch an input: every path the run writes is compared with every
-    input after resolving symlinks, whether or not --overwrite is given."""
-    for written in _written_paths(out):
-        w = Path(os.path.realpath(written))
-        for what, path in inputs:
-            i = Path(os.path.realpath(path))
-            if w == i:
-                relation = "is"
-            elif w in i.parents:
-                relation = "contains"
-            elif i in w.parents:
-                relation = "lies inside"
-            else:
-                continue
-            name = "OUT" if written == out else "gptqlab's work path"
-            raise GptqlabError(
-                f"{name} {written} {relation} {what} ({path}); gptqlab never writes into or over its inputs: "
-                "choose an OUT elsewhere"
-            )
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        name_max = os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    longest = max(len(os.fsencode(p.name)) for p in _written_paths(out))
-    if longest > name_max:
-        raise GptqlabError(
-            f"output name {out.name!r} is too long: gptqlab also writes {partial_dir(out).name!r} beside it, and "
-            f"file names here hold at most {name_max} bytes; choose a shorter OUT"
-        )
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise GptqlabError(f"output {out} already exists; pass --overwrite to replace it")
-    if not parent.exists():
-        raise GptqlabError(f"cannot create output {out}: folder {parent} does not exist")
-    if not parent.is_dir():
-        raise GptqlabError(f"cannot create output {out}: {parent} is a file, not a folder")
-    partial = partial_dir(out)
-    if partial.is_symlink():
-        raise GptqlabError(f"{partial} is a symbolic link; gptqlab keeps its progress in a real folder: remove it")
-    if partial.exists() and not partial.is_dir():
-        raise GptqlabError(f"{partial} is in the way: it is a file, but gptqlab keeps its progress there; move it")
-    # os.access says yes to root even on a read-only mount, so try for real.
-    try:
-        Path(tempfile.mkdtemp(prefix=".gptqlab-probe-", dir=parent)).rmdir()  # a short name: see the check above
-    except OSError as exc:
-        raise GptqlabError(
-            f"cannot create output {out}: folder {parent} is not writable ({exc.strerror}); choose another OUT"
-        ) from None
-
-
-def _probe_name(out: Path) -> None:
-    """Create and remove OUT.partial, so that a name the filesystem refuses (bad characters) fails now."""
-    partial = partial_dir(out)
-    if partial.exists():
-        return
-    try:
-        partial.mkdir()
-        partial.rmdir()
-    except OSError as exc:
-        hint = "choose another OUT" if exc.errno != errno.EEXIST else "another run is starting there"
-        raise GptqlabError(f"cannot create {partial}: {exc.strerror}; {hint}") from None
 
 
 def _test_pause() -> None:
@@ -207,44 +118,6 @@ def _iter_partial(files: list[Path]):
 
 class _NotPublished(GptqlabError):
     """The assembled checkpoint is unsound; the finished blocks are kept so that a rerun assembles it again."""
-
-
-def _check_packable(blocks, arch, opts: QuantizeOptions) -> None:
-    """Every Linear of every block fits the group size and the bit width's packing, before any block runs."""
-    per_run = codes_per_run(opts.bits)
-    for i, block in enumerate(blocks):
-        for n in arch.linears:
-            lin = block.get_submodule(n)
-            name = f"{arch.blocks}.{i}.{n}"
-            try:
-                opts.quant.group_size_for(lin.in_features)
-            except ConfigError as exc:
-                raise ConfigError(f"layer {name}: {exc}") from exc
-            if lin.in_features % per_run or lin.out_features % per_run:
-                raise ConfigError(
-                    f"layer {name} has {lin.in_features} inputs and {lin.out_features} outputs, but {opts.bits}-bit "
-                    f"packing needs both to be multiples of {per_run}; choose other --bits"
-                )
-
-
-def _check_vocab(tokenizer, model, input_ids: torch.Tensor | None = None) -> None:
-    """The tokenizer's ids fit the input embedding (an extended vocabulary needs its resized embedding).
-
-    Before calibration the tokenizer's base vocabulary is compared (added special tokens beyond the embedding
-    are common and harmless while they do not occur); with ``input_ids``, the ids actually drawn."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    size = getattr(tokenizer, "vocab_size", None)
-    mismatch = (
-        "the tokenizer does not belong to this model (an extended vocabulary needs the model whose embedding "
-        "was resized for it)"
-    )
-    if isinstance(size, int) and size > rows:
-        raise GptqlabError(f"the tokenizer has {size} tokens, but the model's embedding has {rows} rows: {mismatch}")
-    if input_ids is not None and input_ids.numel() and int(input_ids.max()) >= rows:
-        raise GptqlabError(
-            f"the calibration text has token id {int(input_ids.max())}, but the model's embedding has {rows} rows: "
-            f"{mismatch}"
-        )
 
 
 def _tied_names(model) -> list[str]:
@@ -286,15 +159,15 @@ def _on_writer(ctx: Distributed, what: str, fn):
 def quantize(opts: QuantizeOptions) -> Path | None:
     """Run ``gptqlab quantize``; returns the output folder (None on the ranks other than 0 under torchrun)."""
     started = time.time()
-    out = _output_path(opts.out)
+    out = output_path(opts.out)
     model_dir = resolve_model_dir(opts.model)
     ctx = Distributed.from_env(resolve_device(opts.device), timeout=opts.dist_timeout)
     try:
         with contextlib.ExitStack() as stack:
 
             def claim() -> None:
-                _check_inputs_untouched(out, _input_paths(model_dir, opts.calib))
-                _check_out(out, opts.overwrite)
+                check_inputs_untouched(out, input_paths(model_dir, opts.calib))
+                check_out(out, opts.overwrite)
                 try:
                     stack.enter_context(locked(out))
                 except OSError as exc:
@@ -302,7 +175,7 @@ def quantize(opts: QuantizeOptions) -> Path | None:
                         f"cannot create output {out}: {lock_path(out)} cannot be created ({exc.strerror}); "
                         "choose another OUT"
                     ) from None
-                _probe_name(out)
+                probe_name(out)
 
             _on_writer(ctx, "checking OUT", claim)
             return _quantize(opts, out, model_dir, started, ctx)
@@ -336,12 +209,12 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float,
     blocks = block_list(model, arch)
     weights = open_weights(model_dir, prefix=model.base_model_prefix, model=model)
     check_parameters(model, weights, tied=_tied_names(model))
-    _check_packable(blocks, arch, opts)
-    _check_vocab(tokenizer, model)
+    check_packable(blocks, arch, opts)
+    check_vocab(tokenizer, model)
 
     def draw():
         calib = load_calibration(opts.calib, tokenizer, nsamples, seqlen, opts.seed)
-        _check_vocab(tokenizer, model, calib.input_ids)
+        check_vocab(tokenizer, model, calib.input_ids)
         if opts.progress:
             print(calib.summary())
         return calib
