@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from testkit import build_deep_llama
 
 from gptqlab.calib.sources import builtin_texts
 from gptqlab.quantize.progress import partial_dir
@@ -34,26 +35,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 4-layer random LLaMA (hidden 64, grouped KV heads), so that a run can be stopped between blocks."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("deep-llama")
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder
+    """A 4-layer random LLaMA (grouped KV heads), so that a run can be stopped between blocks."""
+    return build_deep_llama(tmp_path_factory.mktemp("deep-llama"), tokenizer_dir, LAYERS, seed=3)
 
 
 @pytest.fixture(scope="module")

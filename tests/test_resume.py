@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from testkit import run_cli
+from testkit import build_deep_llama, run_cli
 
 from gptqlab.calib.sources import builtin_texts
 from gptqlab.quantize.progress import partial_dir
@@ -29,26 +29,8 @@ SLOW_SECONDS = "2"  # each block of the killed run sleeps this long between quan
 
 @pytest.fixture(scope="module")
 def deep_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 4-layer random LLaMA (hidden 64), so that a run can be killed with blocks before and after."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    folder = tmp_path_factory.mktemp("deep-llama")
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder
+    """A 4-layer random LLaMA, so that a run can be killed with blocks before and after."""
+    return build_deep_llama(tmp_path_factory.mktemp("deep-llama"), tokenizer_dir, LAYERS, seed=1)
 
 
 @pytest.fixture(scope="module")

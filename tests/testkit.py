@@ -73,6 +73,29 @@ def build_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> 
     return folder
 
 
+def build_deep_llama(folder: Path, tokenizer_dir: Path, layers: int, seed: int) -> Path:
+    """A random LLaMA of ``layers`` blocks (hidden 64, grouped KV heads) in ``folder``: deep enough that a
+    run can be stopped with blocks before and after, small enough to quantize in seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
 def run_cli(argv) -> int:
     """Run ``gptqlab ARGV`` in-process; returns the exit code."""
     from gptqlab.cli import main

@@ -268,21 +268,18 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float,
         tensors = _block_tensors(block, f"{arch.blocks}.{i}", done, opts.bits, opts.format, written)
         run.save_block(i, tensors, [q.report for q in done.values()], outputs)
 
+    settings = {
+        "method": opts.method,
+        "device": device,
+        "dtype": dtype,
+        "weights": weights,
+        "act_dtype": act_dtype,
+        "batch_size": batch_size,
+        "threads": threads,
+        "ctx": ctx,
+    }
     if not ctx.is_writer:
-        quantize_model(
-            model,
-            input_ids,
-            opts.quant,
-            method=opts.method,
-            device=device,
-            dtype=dtype,
-            weights=weights,
-            start=resumed_at,
-            act_dtype=act_dtype,
-            batch_size=batch_size,
-            threads=threads,
-            ctx=ctx,
-        )
+        quantize_model(model, input_ids, opts.quant, start=resumed_at, **settings)
         return None
     try:
         run.start(record)
@@ -290,18 +287,11 @@ def _quantize(opts: QuantizeOptions, out: Path, model_dir: Path, started: float,
             model,
             input_ids,
             opts.quant,
-            method=opts.method,
-            device=device,
-            dtype=dtype,
-            weights=weights,
             on_block=on_block,
             progress=opts.progress,
             start=run.finished,
             inputs=run.inputs,
-            act_dtype=act_dtype,
-            batch_size=batch_size,
-            threads=threads,
-            ctx=ctx,
+            **settings,
         )
         _check_block_files(run)
         staging = run.folder / "final"
