@@ -304,7 +304,7 @@ def evaluate(
     backend: for the quantized layers, as in :func:`gptqlab.load`. Returns the rows (:func:`score`), the
     device and the CPU threads used.
     """
-    from gptqlab.resolve import resolve_device
+    from gptqlab.resolve import resolve_device, torch_threads
 
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
@@ -318,11 +318,6 @@ def evaluate(
         from gptqlab.loader import default_cpu_threads
 
         threads = default_cpu_threads(_param_count(model))
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         rows = load_and_score(model, texts, seqlen, stride, dev, batch_size, progress, backend=backend)
         return rows, dev, torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)

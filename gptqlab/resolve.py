@@ -3,8 +3,10 @@ quantizer."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,3 +57,16 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         raise GptqlabError(
             f"model {model!r} is not an embedded model, a local folder or a reachable Hub id ({type(exc).__name__})"
         ) from exc
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (None: leave the count as it is), then restore the
+    previous count: quantizing and scoring choose their own without changing the caller's."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

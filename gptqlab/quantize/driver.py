@@ -61,6 +61,7 @@ from gptqlab.quant import (
     rtn,
 )
 from gptqlab.quantize.distributed import Distributed, HessianSum
+from gptqlab.resolve import torch_threads
 
 log = logging.getLogger("gptqlab")
 timing_log = logging.getLogger("gptqlab.driver")
@@ -438,11 +439,7 @@ def quantize_model(
         same threads per process.
     Returns one LayerReport per Linear of the blocks it quantized, in block order (on every rank).
     """
-    threads = cpu_threads(model, device, threads)
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(cpu_threads(model, device, threads)):
         return _quantize_model(
             model,
             input_ids,
@@ -459,8 +456,6 @@ def quantize_model(
             batch_size or batch_size_for(model, input_ids.shape[1], input_ids.shape[0], batch_bytes),
             ctx or Distributed.single(device),
         )
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _quantize_model(
