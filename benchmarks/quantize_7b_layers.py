@@ -16,8 +16,9 @@ child, and peak CUDA memory on a GPU. Extrapolated to 32 layers:
     total(32) = setup + 32 * per_layer + assembly * 32 / layers
 
 and to the usual 128 x 2048 calibration tokens, where the forward passes and Hessian updates (per_layer
-minus the GPTQ solve) grow with the token count (attention's seqlen² term is ignored) and the layer
-inputs and outputs that the driver keeps take 2 * nsamples * seqlen * 4096 values.
+minus the GPTQ solve) grow with the token count (attention's seqlen² term is ignored), the layer inputs
+that the driver keeps take nsamples * seqlen * 4096 float16 values, and down_proj's Hessian partial sums
+take one 11008² float32 matrix per level of the chunk tree over the forward batches, plus the factor's copy.
 
 Goals printed against: peak RSS on the CPU ≤ 4 GB; all of LLaMA-7B on one H100 in ≤ 5 minutes.
 
@@ -123,6 +124,26 @@ def write_random_llama(
     index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def layer_activations_gb(nsamples: int, seqlen: int) -> float:
+    """The layer inputs the driver keeps between blocks: nsamples x seqlen x hidden in float16 (the output
+    pass replaces them batch by batch, so inputs and outputs are not held at once)."""
+    return nsamples * seqlen * HIDDEN * 2 / 1e9
+
+
+def hessian_buffers_gb(nsamples: int, seqlen: int) -> float:
+    """down_proj's Hessian buffers at their most, float32 intermediate x intermediate matrices: while summing,
+    one partial sum per level of the chunk tree over the forward batches below the root plus the new chunk's
+    (:mod:`gptqlab.quantize.distributed.tree`); while factoring, H and its working copy."""
+    from types import SimpleNamespace
+
+    from gptqlab.quantize.distributed.tree import root_level
+    from gptqlab.quantize.driver import batch_size_for
+
+    cfg = SimpleNamespace(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
+    batches = -(-nsamples // batch_size_for(SimpleNamespace(config=cfg), seqlen, nsamples))
+    return max(root_level(batches) + 1, 2) * INTERMEDIATE**2 * 4 / 1e9
+
+
 def extrapolate(result: dict, layers: int, nsamples: int, seqlen: int, on_cuda: bool) -> dict:
     """The per-layer figures and the 32-layer and 128 x 2048 estimates described in the module docstring."""
     times = result["block_seconds"]
@@ -136,9 +157,10 @@ def extrapolate(result: dict, layers: int, nsamples: int, seqlen: int, on_cuda: 
     gptq_per_layer = sum(r["seconds"] for r in report["layers"]) / layers
     token_ratio = TARGET_NSAMPLES * TARGET_SEQLEN / (nsamples * seqlen)
     per_layer_target = gptq_per_layer + (per_layer - gptq_per_layer) * token_ratio
-    act_bytes = 2 if on_cuda else 4  # the driver keeps activations in fp16 on CUDA, fp32 on the CPU
-    activations_gb = 2 * nsamples * seqlen * HIDDEN * act_bytes / 1e9
-    target_activations_gb = 2 * TARGET_NSAMPLES * TARGET_SEQLEN * HIDDEN * act_bytes / 1e9
+    activations_gb = layer_activations_gb(nsamples, seqlen)
+    target_activations_gb = layer_activations_gb(TARGET_NSAMPLES, TARGET_SEQLEN)
+    hessians_gb = hessian_buffers_gb(nsamples, seqlen)
+    target_hessians_gb = hessian_buffers_gb(TARGET_NSAMPLES, TARGET_SEQLEN)
     peak_gb = result["peak_rss_mb"] / 1e3
     return {
         "block_done_seconds": times,
@@ -152,8 +174,10 @@ def extrapolate(result: dict, layers: int, nsamples: int, seqlen: int, on_cuda: 
         "total_32_layers_at_128x2048_seconds": setup + FULL_LAYERS * per_layer_target + assembly * FULL_LAYERS / layers,
         "peak_rss_gb": peak_gb,
         "activations_gb": activations_gb,
-        "peak_rss_at_128x2048_gb": peak_gb - activations_gb + target_activations_gb,
+        "peak_rss_at_128x2048_gb": peak_gb - activations_gb + target_activations_gb - hessians_gb + target_hessians_gb,
         "activations_at_128x2048_gb": target_activations_gb,
+        "hessian_buffers_gb": hessians_gb,
+        "hessian_buffers_at_128x2048_gb": target_hessians_gb,
         "cuda_peak_gb": result.get("cuda_peak_mb", 0) / 1e3 if on_cuda else None,
     }
 
@@ -170,7 +194,8 @@ def goals(est: dict, device_label: str) -> list[tuple[str, str, str]]:
                 f"peak RSS on CPU <= {GOAL_CPU_RSS_GB:.0f} GB",
                 f"measured {rss:.2f} GB at this calibration size; estimated {rss_full:.1f} GB at "
                 f"{TARGET_NSAMPLES}x{TARGET_SEQLEN} tokens, of which {est['activations_at_128x2048_gb']:.1f} GB "
-                "are the fp32 layer inputs and outputs the driver keeps",
+                f"are the float16 layer inputs and {est['hessian_buffers_at_128x2048_gb']:.1f} GB down_proj's "
+                "Hessian partial sums (one per level of the chunk tree over the forward batches)",
             )
         )
     else:

@@ -266,7 +266,7 @@ def test_quantize_flags_are_the_options_fields():
     argv = "m o --bits 3 --group-size 64 --act-order --static-groups --no-sym --method rtn --calib reviews "
     argv += "--nsamples 8 --seqlen 32 --device cpu --seed 5 --format gptq_v2 --damp-percent 0.1 "
     argv += "--no-true-sequential --mse --dtype bfloat16 --max-shard-size 1GB --overwrite --trust-remote-code -q "
-    argv += "--no-resume --batch-size 4 --dist-timeout 60"
+    argv += "--no-resume --batch-size 4 --dist-timeout 60 --cpu-compute float32"
     got = quantize_options(argv.split())
     want = QuantizeOptions(
         "m",
@@ -294,9 +294,10 @@ def test_quantize_flags_are_the_options_fields():
         False,
         4,
         60.0,
+        "float32",
     )
     assert got.__dict__ == want.__dict__
-    assert len([f for f in fields(QuantizeOptions) if f.init]) == 25  # a new field needs a flag above too
+    assert len([f for f in fields(QuantizeOptions) if f.init]) == 26  # a new field needs a flag above too
 
 
 def test_quantize_help_explains_every_option(capsys, monkeypatch):

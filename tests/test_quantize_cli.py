@@ -56,16 +56,21 @@ def test_checkpoint_dequantizes_to_exactly_the_quantized_weights(tiny_models, tm
 
     from gptqlab.calib import load_calibration
     from gptqlab.quant import QuantConfig
-    from gptqlab.quantize.driver import quantize_model
+    from gptqlab.quantize.driver import cpu_compute_dtype, quantize_model
 
     out = tmp_path / "out"
     assert run_cli(["quantize", tiny_models["llama"], out, *SMALL, "--act-order"]) == 0
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     ids = load_calibration("peoples-daily", tok, 8, 64, 0).input_ids
-    # as the CLI on the CPU: float16 layer inputs (run.py), so both give the same codes
+    # as the CLI on the CPU: float16 layer inputs and the CPU's compute dtype (run.py), so both give the same codes
     quantize_model(
-        model, ids, QuantConfig(bits=4, group_size=64, desc_act=True), act_dtype=torch.float16, progress=False
+        model,
+        ids,
+        QuantConfig(bits=4, group_size=64, desc_act=True),
+        act_dtype=torch.float16,
+        compute_dtype=cpu_compute_dtype(),
+        progress=False,
     )
     tensors = load_all(out)
     for name, mod in model.named_modules():

@@ -18,6 +18,7 @@ METHODS = ("gptq", "rtn")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = ("gptq", "gptq_v2")
 DTYPES = ("float16", "bfloat16")
+CPU_COMPUTE = ("auto", "bfloat16", "float32")
 # Calibration defaults (nsamples, seqlen) by model size: small models quantize in seconds with 32 x 512
 # (tiny-zh-llama: 21.8 s on the 2-core CPU VM, against 95.7 s at 128 x 1024); larger ones get GPTQ's usual 128 x 2048.
 SMALL_MODEL_PARAMS = 100_000_000
@@ -155,6 +156,13 @@ class QuantizeOptions:
         "Under torchrun: seconds a rank waits for another (e.g. while the owner of a large Linear solves it) "
         "before the run stops with a line naming that rank.",
     )
+    cpu_compute: str = option(
+        "auto",
+        "Precision of the matrix products in the calibration forward passes on the CPU. auto: bfloat16 where "
+        "the CPU has bfloat16 matrix instructions (AMX, AVX512-BF16), else float32. The weights, Hessians and "
+        "GPTQ solve stay float32 either way.",
+        choices=CPU_COMPUTE,
+    )
     quant: object = field(init=False, repr=False)
     """The :class:`gptqlab.quant.QuantConfig` these options give (built by validation)."""
 
@@ -173,6 +181,8 @@ class QuantizeOptions:
             raise ConfigError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout:g}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be float16 or bfloat16, got {self.dtype!r}")
+        if self.cpu_compute not in CPU_COMPUTE:
+            raise ConfigError(f"--cpu-compute must be auto, bfloat16 or float32, got {self.cpu_compute!r}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         parse_size(self.max_shard_size)

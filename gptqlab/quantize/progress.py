@@ -122,12 +122,14 @@ def run_record(
     batch_size: int,
     threads: int | None,
     act_dtype: torch.dtype,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict:
     """What ``run.json`` holds: everything that decides the bytes of the block files (JSON types only).
     input_ids: the calibration tokens [nsamples, seqlen] (their shape gives the resolved nsamples and seqlen);
     dtype: what the block computes in; written: the float type of the unquantized tensors in the checkpoint;
     batch_size: samples per forward batch (the chunks of the Hessian sum); threads: CPU threads per process
-    (None off the CPU), which decide how MKL splits sums; act_dtype: how layer inputs are kept between blocks.
+    (None off the CPU), which decide how MKL splits sums; act_dtype: how layer inputs are kept between blocks;
+    compute_dtype: the dtype of the forward passes' matrix products (None: ``dtype``).
     The number of torchrun ranks is not recorded: it does not change the bits, so a run may resume with another."""
     nsamples, seqlen = input_ids.shape
     record = {
@@ -141,6 +143,7 @@ def run_record(
         "device": torch.device(device).type,
         "dtype": str(dtype),
         "act_dtype": str(act_dtype),
+        "compute_dtype": str(compute_dtype or dtype),
         "threads": threads,
         "written_dtype": written,
         "calibration_sha256": hashlib.sha256(input_ids.contiguous().numpy().tobytes()).hexdigest(),

@@ -126,3 +126,53 @@ def test_each_block_logs_its_timing(tiny_models, caplog):
     assert [t.block for t in timings] == [0, 1]
     for t in timings:
         assert t.total >= t.solve > 0 and t.forward > 0 and t.batch_size == 5
+
+
+def test_bfloat16_products_keep_float32_hessians():
+    """Under the CPU's bfloat16 autocast the Linear computes in bfloat16, but its Hessian is the float32
+    product of the inputs it read."""
+    from gptqlab.quantize.distributed import Distributed
+    from gptqlab.quantize.driver import _StageHessians
+
+    lin = torch.nn.Linear(64, 32)
+    hooks = _StageHessians({"l": lin}, Distributed.single("cpu"), num_chunks=1, stop=False)
+    handle = lin.register_forward_hook(hooks.hook("l"))
+    x = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    handle.remove()
+    assert y.dtype == torch.bfloat16
+    H = hooks.reduce(["l"], [0], "p")["l"]
+    flat = x.reshape(-1, 64).double()
+    assert H.dtype == torch.float32
+    # float32 accuracy; a bfloat16 product would be off by about 2⁻⁹ relative
+    assert torch.allclose(H.double(), 2 * flat.T @ flat / 64, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_forward_passes_change_little(tiny_models):
+    """compute_dtype=bfloat16 (the CPU default where it is fast) against float32 products: the same weights
+    are solved (float32), from Hessians of slightly different inputs."""
+    from gptqlab.quantize.driver import cpu_compute_dtype
+
+    assert cpu_compute_dtype("float32") == torch.float32 and cpu_compute_dtype("bfloat16") == torch.bfloat16
+    _, fp32, done32, _ = _collect(tiny_models)
+    _, bf16, done16, _ = _collect(tiny_models, compute_dtype=torch.bfloat16)
+    loss32, loss16 = sum(r.loss for r in fp32), sum(r.loss for r in bf16)
+    assert abs(loss16 / loss32 - 1) < 0.02, (loss16, loss32)  # the layer-wise objective hardly moves ...
+    differ = [not torch.equal(done16[i][n].result.codes, done32[i][n].result.codes) for i in done32 for n in done32[i]]
+    assert any(differ)  # ... though the products did run in bfloat16
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_parameters_outside_the_blocks_are_released_and_ties_kept(tiny_models, arch):
+    from gptqlab.arch import arch_for
+    from gptqlab.quantize.driver import _release_outside
+
+    model = _model(tiny_models, arch)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    blocks = arch_for(model).blocks
+    _release_outside(model, blocks)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        assert (p.device.type == "meta") != name.startswith(blocks + "."), name
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert tied == (arch == "bloom")
