@@ -18,7 +18,7 @@ child, and peak CUDA memory on a GPU. Extrapolated to 32 layers:
 and to the usual 128 x 2048 calibration tokens, where the forward passes and Hessian updates (per_layer
 minus the GPTQ solve) grow with the token count (attention's seqlen² term is ignored), the layer inputs
 that the driver keeps take nsamples * seqlen * 4096 float16 values, and down_proj's Hessian partial sums
-take one 11008² float32 matrix per level of the chunk tree over the forward batches, plus the factor's copy.
+take one 11008² float32 matrix per level of the chunk tree (at most 16 chunks of forward batches).
 
 Goals printed against: peak RSS on the CPU ≤ 4 GB; all of LLaMA-7B on one H100 in ≤ 5 minutes.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,16 +133,17 @@ def layer_activations_gb(nsamples: int, seqlen: int) -> float:
 
 def hessian_buffers_gb(nsamples: int, seqlen: int) -> float:
     """down_proj's Hessian buffers at their most, float32 intermediate x intermediate matrices: while summing,
-    one partial sum per level of the chunk tree over the forward batches below the root plus the new chunk's
-    (:mod:`gptqlab.quantize.distributed.tree`); while factoring, H and its working copy."""
+    one partial sum per level of the chunk tree below the root plus the open chunk's (at most 16 chunks of
+    forward batches, :mod:`gptqlab.quantize.distributed.tree`); while factoring, H and its working copy."""
     from types import SimpleNamespace
 
     from gptqlab.quantize.distributed.tree import root_level
-    from gptqlab.quantize.driver import batch_size_for
+    from gptqlab.quantize.driver import MAX_CHUNKS, batch_size_for
 
     cfg = SimpleNamespace(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
-    batches = -(-nsamples // batch_size_for(SimpleNamespace(config=cfg), seqlen, nsamples))
-    return max(root_level(batches) + 1, 2) * INTERMEDIATE**2 * 4 / 1e9
+    batch = batch_size_for(SimpleNamespace(config=cfg), seqlen, nsamples)
+    chunk = batch * math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)  # samples per chunk, as the driver cuts
+    return max(root_level(math.ceil(nsamples / chunk)) + 1, 2) * INTERMEDIATE**2 * 4 / 1e9
 
 
 def extrapolate(result: dict, layers: int, nsamples: int, seqlen: int, on_cuda: bool) -> dict:
@@ -195,7 +197,7 @@ def goals(est: dict, device_label: str) -> list[tuple[str, str, str]]:
                 f"measured {rss:.2f} GB at this calibration size; estimated {rss_full:.1f} GB at "
                 f"{TARGET_NSAMPLES}x{TARGET_SEQLEN} tokens, of which {est['activations_at_128x2048_gb']:.1f} GB "
                 f"are the float16 layer inputs and {est['hessian_buffers_at_128x2048_gb']:.1f} GB down_proj's "
-                "Hessian partial sums (one per level of the chunk tree over the forward batches)",
+                "Hessian partial sums (one per level of the chunk tree, at most 16 chunks of forward batches)",
             )
         )
     else:

@@ -216,6 +216,24 @@ def test_single_process_hessian():
     assert torch.equal(H, tree_sum(parts) * (2 / X.shape[0]))
 
 
+def test_a_chunk_in_parts_is_summed_in_order():
+    """Chunk 0 comes in two forward batches (ends_chunk=False, then True), chunk 1 whole: the leaf of chunk 0
+    is X_aᵀX_a + X_bᵀX_b in that order, and the tree adds the two leaves."""
+    a, b, c = (chunk_inputs(i, 8).reshape(-1, 8) for i in range(3))
+
+    def run():
+        acc = Distributed.single().hessian(8, 2)
+        acc.add(a, ends_chunk=False)
+        acc.add(b)
+        acc.add(c)
+        P0 = a.T @ a
+        P0.addmm_(b.T, b)
+        return acc.reduce(0), (P0 + c.T @ c) * (2 / (len(a) + len(b) + len(c)))
+
+    H, expected = one_thread(run)
+    assert torch.equal(H, expected)
+
+
 def test_hessian_sum_misuse():
     acc = Distributed.single().hessian(4, 2)
     acc.add(torch.ones(3, 4))

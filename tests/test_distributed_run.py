@@ -100,6 +100,19 @@ def test_torchrun_writes_the_single_process_checkpoint(model, ranks, deep_model,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(["single"] if model != "deep" else [])])
 
 
+def test_chunks_of_several_batches_keep_torchrun_bit_equal(deep_model, args, tmp_path):
+    """36 samples in 18 batches of 2: more batches than the driver's 16 chunks, so each chunk holds 2 batches
+    (9 chunks of 4 samples, 3 per rank on 3 ranks); still bit for bit the single-process checkpoint."""
+    more = [*args, "--nsamples", "36"]
+    want, out = tmp_path / "single", tmp_path / "out"
+    done = run([*QUANTIZE, deep_model, want, *more])
+    assert done.returncode == 0, done.stderr
+    done = run([*TORCHRUN[:-1], "3", "-m", "gptqlab", "quantize", deep_model, out, *more])
+    assert done.returncode == 0, done.stderr
+    assert_same_tensors(out, want)
+    assert json.loads((out / "quant_report.json").read_text())["settings"]["nsamples"] == 36
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -180,7 +193,7 @@ def test_more_ranks_than_batches_is_refused(deep_model, args, tmp_path):
     few = [*args, "--nsamples", "2"]  # one forward batch of 2 samples for 2 ranks
     done = run([*TORCHRUN, "-m", "gptqlab", "quantize", deep_model, out, *few])
     assert done.returncode != 0
-    assert "2 ranks but only 1 forward batches of 2 samples" in done.stderr, done.stderr
+    assert "2 ranks but the samples make only 1 Hessian chunk of up to 2 samples (2 per forward batch)" in done.stderr
     assert not out.exists() and not partial_dir(out).exists()
 
 

@@ -13,9 +13,10 @@ each block's Linears with GPTQ or RTN.
 Batches. Samples go through a block ``batch_size`` (default :func:`batch_size_for`) at a time: as many
 as fit a fixed activation budget (``batch_bytes``), computed from the model's shape and the sequence length
 only, so that a resumed run batches exactly as the first one did. The block keyword arguments (masks, rotary
-embeddings, ALiBi) are recorded once per batch size. Each batch is one chunk of the Hessian's chunk tree
-(:mod:`gptqlab.quantize.distributed.tree`): X_cᵀ X_c per batch, summed pairwise in chunk order, so the sum
-has the same bits whether one process or several ranks compute it.
+embeddings, ALiBi) are recorded once per batch size. Consecutive batches form the chunks of the Hessian's
+chunk tree (:mod:`gptqlab.quantize.distributed.tree`): one batch per chunk, or as many as keep the chunks at
+most ``MAX_CHUNKS``. X_cᵀ X_c is summed over a chunk's batches in order, and the chunks pairwise in chunk
+order, so the sum has the same bits whether one process or several ranks compute it.
 
 Ranks. Under ``torchrun`` (``ctx``), each rank runs its own consecutive batches through every block; per
 stage the Hessians are reduced to the ranks owning the Linears that read them, each Linear is solved by its
@@ -86,6 +87,11 @@ DEFAULT_BATCH_BYTES = 512 * 2**20
 # scheduler has paused. A 1024 x 4096 x 11008 product took the same time on one thread or two under that
 # load and half on two threads on a quiet machine, so large blocks keep torch's thread count.
 SMALL_BLOCK_PARAMS = 50_000_000
+# The Hessian's chunk tree holds up to ceil(log2 C) + 1 partial sums of C chunks (each K x K float32). A chunk
+# is a whole number of forward batches, as few as keep C at most MAX_CHUNKS: LLaMA-7B at 128 x 2048 tokens
+# runs one sample per batch, and 128 one-batch chunks would hold 8 of down_proj's 11008² (3.9 GB) against 5
+# (2.4 GB) here. It also caps torchrun ranks at MAX_CHUNKS.
+MAX_CHUNKS = 16
 
 
 @dataclass
@@ -124,31 +130,9 @@ class BlockTiming:
     finished_at: float = 0.0
 
 
-class HessianAccumulator:
-    """H = 2/T Σ_t x_t x_tᵀ over the T tokens of the calibration set, in float32, one matrix product per call.
-
-    x: [..., K], any float dtype. Each x is scaled by sqrt(2/T) before the product, so the sum is H itself
-    at every step and stays within float32's range as far as H does.
-
-    The driver no longer uses it: it sums with :class:`~gptqlab.quantize.distributed.HessianSum`, whose
-    fixed pairwise order gives the same bits for any number of torchrun ranks. It remains for the tests
-    that use it as a plain reference (tests/quant/test_driver.py, tests/quant/test_device.py).
-    """
-
-    def __init__(self, K: int, device: torch.device, total_tokens: int):
-        self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
-        self.scale = math.sqrt(2 / total_tokens)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float() * self.scale  # [T, K]
-        self.H.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
-
-
 class _StageHessians:
     """Forward hooks on one stage's Linears: one :class:`HessianSum` per distinct input tensor (q/k/v,
-    gate/up share theirs), fed once per forward batch (= chunk of the chunk tree), and a stop once every
+    gate/up share theirs), fed once per forward batch (a chunk of the chunk tree or part of one), and a stop once every
     Linear of the stage has run in the current forward pass."""
 
     def __init__(
@@ -166,6 +150,7 @@ class _StageHessians:
         self.owner: dict[str, str] = {}  # Linear → the Linear whose accumulator holds its Hessian
         self._seen: list[tuple[torch.Tensor, str]] = []  # (input, owner) in the current forward
         self._fired: set[str] = set()
+        self.ends_chunk = True
         self.seconds = 0.0
 
     def hook(self, name: str):
@@ -181,7 +166,7 @@ class _StageHessians:
                     self.ctx.hessian(self.modules[name].in_features, self.num_chunks),
                 )
                 with torch.autocast(x.device.type, enabled=False):  # H in float32 even under autocast
-                    acc.add(x)
+                    acc.add(x, self.ends_chunk)
                 self._seen.append((x, name))
             elif self.owner.setdefault(name, same) != same:
                 raise GptqlabError(f"{name} read a different input than in the first batch")
@@ -192,9 +177,11 @@ class _StageHessians:
 
         return fn
 
-    def new_pass(self) -> None:
+    def new_pass(self, ends_chunk: bool = True) -> None:
+        """Start a forward pass over the next batch; ``ends_chunk``: it is the last batch of its chunk."""
         self._seen.clear()
         self._fired.clear()
+        self.ends_chunk = ends_chunk
 
     def reduce(self, names: list[str], owners: list[int], prefix: str) -> dict[str, torch.Tensor | None]:
         """{distinct input: its Hessian [K, K]} on the ranks that own a Linear reading it (None elsewhere),
@@ -319,13 +306,14 @@ def _collect(
     inputs: list,
     kwargs_by_size: dict,
     compute_dtype: torch.dtype | None = None,
+    batches_per_chunk: int = 1,
 ) -> None:
     handles = [hooks.modules[n].register_forward_hook(hooks.hook(n)) for n in names]
     try:
         dtype = _param_dtype(block)
         with _products_in(block, compute_dtype):
-            for x in inputs:
-                hooks.new_pass()
+            for k, x in enumerate(inputs):  # this rank's batches; its first one starts a chunk
+                hooks.new_pass(ends_chunk=(k + 1) % batches_per_chunk == 0 or k == len(inputs) - 1)
                 try:
                     block(x.to(dtype), **kwargs_by_size[x.shape[0]])
                 except _StageDone:
@@ -475,7 +463,7 @@ def quantize_model(
     threads: CPU threads while quantizing (restored afterwards); default: :func:`cpu_threads`. Ignored on
         other devices.
     batch_size: samples per forward batch; default: :func:`batch_size_for` with ``batch_bytes``. The
-        batches are the chunks of the Hessian's chunk tree (:mod:`gptqlab.quantize.distributed.tree`), so
+        batches make the chunks of the Hessian's chunk tree (:mod:`gptqlab.quantize.distributed.tree`), so
         the bits depend on it; it must not depend on the machine or the number of ranks.
     ctx: the ranks of a ``torchrun`` run (default: this process alone). Each rank runs its chunks of the
         samples, the Hessians are reduced to the ranks that own the Linears reading them, each Linear is
@@ -532,17 +520,20 @@ def _quantize_model(
     arch = arch_for(model)
     blocks = block_list(model, arch)
     nsamples = input_ids.shape[0]
-    num_chunks = math.ceil(nsamples / batch)
+    per_chunk = math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)  # forward batches per Hessian chunk
+    chunk = per_chunk * batch  # samples per chunk
+    num_chunks = math.ceil(nsamples / chunk)
     if ctx.world > num_chunks:
         raise ConfigError(
-            f"{ctx.world} ranks but only {num_chunks} forward batches of {batch} samples to share among them; "
-            "start fewer ranks, or give more --nsamples or a smaller --batch-size"
+            f"{ctx.world} ranks but the samples make only {num_chunks} Hessian chunk{'s' * (num_chunks != 1)} of "
+            f"up to {chunk} samples ({batch} per forward batch) to share among them; start fewer ranks (at most "
+            f"{MAX_CHUNKS}), or give more --nsamples or a smaller --batch-size"
         )
-    mine = ctx.my_samples(nsamples, batch)  # this rank's chunks: consecutive batches of ``batch`` samples
+    mine = ctx.my_samples(nsamples, chunk)  # this rank's chunks: consecutive samples, cut into batches below
     if start:
         if (ctx.is_writer and inputs is None) or not 0 < start <= len(blocks):
             raise ValueError(f"resuming at block {start} of {len(blocks)} needs that block's inputs")
-        inputs = ctx.scatter_inputs(inputs if ctx.is_writer else None, ctx.sample_counts(nsamples, batch))
+        inputs = ctx.scatter_inputs(inputs if ctx.is_writer else None, ctx.sample_counts(nsamples, chunk))
         sizes = sorted({min(batch, mine.stop - j) for j in range(mine.start, mine.stop, batch)})
         kwargs_by_size = {}
         for b in sizes:  # the keyword arguments for each batch size, from the first samples
@@ -579,7 +570,7 @@ def _quantize_model(
         for stage in stages:
             hooks = _StageHessians({n: modules[n] for n in stage}, ctx, num_chunks, stop=True)
             t0 = time.perf_counter()
-            _collect(block, hooks, stage, batches, kwargs_by_size, compute_dtype)
+            _collect(block, hooks, stage, batches, kwargs_by_size, compute_dtype, per_chunk)
             return_free_memory()  # the pass's activations, before the factorizations allocate K x K
             timing.forward += time.perf_counter() - t0 - hooks.seconds
             t0 = time.perf_counter()

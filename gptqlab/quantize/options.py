@@ -147,9 +147,9 @@ class QuantizeOptions:
     False: delete any OUT.partial and start over."""
     batch_size: int | None = option(
         None,
-        "Calibration samples per forward batch. The batches are also the units that torchrun ranks share "
-        "and that the Hessian sums in a fixed order, so the checkpoint's bits depend on it. Default: as many "
-        "as fit 512 MiB of activations, from the model's shape and --seqlen only.",
+        "Calibration samples per forward batch. Consecutive batches (at most 16 groups) are also the units "
+        "that torchrun ranks share and that the Hessian sums in a fixed order, so the checkpoint's bits depend "
+        "on it. Default: as many as fit 512 MiB of activations, from the model's shape and --seqlen only.",
     )
     dist_timeout: float = option(
         DEFAULT_DIST_TIMEOUT,

@@ -57,16 +57,17 @@ def test_gptq_synchronises_a_fixed_number_of_times(desc_act):
 
 
 def test_driver_hessians_stay_on_the_device():
-    from gptqlab.quantize.driver import HessianAccumulator
+    from gptqlab.quantize.distributed import Distributed
 
     x = torch.randn(2, 16, 32)
     with FakeDevice() as mode:
         xd = to_device(x)
-        acc = HessianAccumulator(32, xd.device, total_tokens=64)
+        acc = Distributed.single(xd.device).hessian(32, 2)
         acc.add(xd)
         acc.add(xd.half())  # layer inputs kept in half precision are widened on the device
-        assert isinstance(acc.H, Tagged)
+        H = acc.reduce(0)
+        assert isinstance(H, Tagged)
     assert mode.syncs == []
     flat = x.reshape(-1, 32)
     expected = 2 * (flat.T @ flat + flat.half().float().T @ flat.half().float()) / 64
-    assert torch.allclose(acc.H.as_subclass(torch.Tensor), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(H.as_subclass(torch.Tensor), expected, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptqlab.quant import QuantConfig
-from gptqlab.quantize.driver import HessianAccumulator, batch_size_for, quantize_model
+from gptqlab.quantize.driver import batch_size_for, quantize_model
 
 CFG = QuantConfig(bits=4, group_size=64)
 
@@ -39,13 +39,14 @@ def _collect(tiny_models, arch="llama", **kw):
 
 
 def test_hessian_is_one_matrix_product_per_batch():
+    from gptqlab.quantize.distributed import Distributed
+
     x = torch.randn(3, 10, 16)
-    acc = HessianAccumulator(16, torch.device("cpu"), total_tokens=30)
+    acc = Distributed.single().hessian(16, 2)
     acc.add(x[:2])
     acc.add(x[2:])
     flat = x.reshape(-1, 16).double()
-    assert torch.allclose(acc.H.double(), 2 * flat.T @ flat / 30, rtol=1e-5, atol=1e-6)
-    assert acc.tokens == 30
+    assert torch.allclose(acc.reduce(0).double(), 2 * flat.T @ flat / 30, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_size_follows_the_budget_and_never_the_machine(tiny_models):
@@ -176,3 +177,29 @@ def test_parameters_outside_the_blocks_are_released_and_ties_kept(tiny_models, a
         assert (p.device.type == "meta") != name.startswith(blocks + "."), name
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     assert tied == (arch == "bloom")
+
+
+def test_many_batches_share_a_bounded_number_of_hessian_chunks(tiny_models, monkeypatch):
+    """With more forward batches than MAX_CHUNKS, consecutive batches form one chunk: the tree gets at most
+    MAX_CHUNKS leaves per Hessian, holds at most ceil(log2 C) + 1 partial sums, and the result barely moves
+    (the batches of a chunk are summed in order instead of pairwise)."""
+    from gptqlab.quantize import driver
+    from gptqlab.quantize.distributed.tree import PairwiseSum
+
+    _, reference, _, _ = _collect(tiny_models, batch_size=1)  # 5 one-sample chunks
+    leaves, held = [], []
+    add_leaf = PairwiseSum.add_leaf
+
+    def counting(self, chunk, value, tokens):
+        leaves.append(chunk)
+        add_leaf(self, chunk, value, tokens)
+        held.append(len(self.stack))
+
+    monkeypatch.setattr(PairwiseSum, "add_leaf", counting)
+    monkeypatch.setattr(driver, "MAX_CHUNKS", 2)
+    _, capped, _, _ = _collect(tiny_models, batch_size=1)  # 5 batches → chunks of 3 and 2 samples
+    hessians = len(leaves) // 2
+    assert leaves == [0, 1] * hessians and max(held) <= 2
+    assert hessians == 2 * 4  # 2 blocks x (q/k/v, o, gate/up, down)
+    for a, b in zip(reference, capped, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4), a.name

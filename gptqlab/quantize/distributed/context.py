@@ -462,9 +462,10 @@ class HessianSum:
     """H = 2/T Σ_c X_cᵀ X_c for one Linear, summed over the chunk tree, so that its bits do not depend on the
     number of ranks (see :mod:`gptqlab.quantize.distributed.tree`).
 
-    Each rank calls :meth:`add` once per chunk it owns, in chunk order, with that chunk's inputs; then every
-    rank calls :meth:`reduce` with the same owner, in the same order for every Linear. Cost per chunk: one
-    [K, T_c] × [T_c, K] matmul and one K×K addition; memory: up to log2(C) + 1 K×K float32 buffers.
+    Each rank calls :meth:`add` for the chunks it owns, in chunk order, with each chunk's inputs (whole, or in
+    parts); then every rank calls :meth:`reduce` with the same owner, in the same order for every Linear. Cost
+    per chunk: one [K, T_c] × [T_c, K] matmul and one K×K addition; memory: up to log2(C) + 1 K×K float32
+    buffers.
     Transfer: each rank sends its cover (one K×K node when its chunks form a dyadic range, at most
     2·log2 C) to the owner.
     """
@@ -475,13 +476,23 @@ class HessianSum:
         self.num_chunks = num_chunks
         self.mine = ctx.my_chunks(num_chunks)
         self.tree = PairwiseSum(num_chunks, start=self.mine.start)
+        self._open: tuple[torch.Tensor, int] | None = None  # the current chunk's partial sum and its tokens
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the next own chunk's inputs x [..., K] (any float dtype; the product is taken in float32)."""
+    def add(self, x: torch.Tensor, ends_chunk: bool = True) -> None:
+        """Add inputs x [..., K] of the next own chunk (any float dtype; the product is taken in float32). A
+        chunk may come in several parts, one forward batch each: parts before the last pass ``ends_chunk=False``
+        and are summed in order into the chunk's partial sum, which enters the tree with the last part."""
         if self.tree.next >= self.mine.stop:
             raise ValueError(f"this rank owns chunks {self.mine.start} .. {self.mine.stop - 1}, all already added")
-        x = x.reshape(-1, self.K).float()  # [T_c, K]
-        self.tree.add_leaf(self.tree.next, x.T @ x, x.shape[0])
+        x = x.reshape(-1, self.K).float()  # [T, K]
+        if self._open is None:
+            self._open = (x.T @ x, x.shape[0])
+        else:
+            self._open[0].addmm_(x.T, x)
+            self._open = (self._open[0], self._open[1] + x.shape[0])
+        if ends_chunk:
+            self.tree.add_leaf(self.tree.next, *self._open)
+            self._open = None
 
     def reduce(self, owners: int | Sequence[int], name: str = "") -> torch.Tensor | None:
         """H [K, K] float32 on each rank in ``owners`` (on its device), None on the other ranks.

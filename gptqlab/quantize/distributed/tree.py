@@ -1,7 +1,8 @@
 """The chunk tree: one order of summation for the Hessian, whatever the number of ranks.
 
-Calibration samples are cut into C *chunks*: contiguous sample ranges of a fixed size (the driver's forward
-batch) that does not depend on the number of ranks. Chunk c contributes the partial sum
+Calibration samples are cut into C *chunks*: contiguous sample ranges of a fixed size (a whole number of the
+driver's forward batches, as few as keep C at most the driver's ``MAX_CHUNKS``) that does not depend on the
+number of ranks. Chunk c contributes the partial sum
 P_c = X_cᵀ X_c [K, K] (float32) of the Linear's inputs X_c [T_c, K]. The canonical sum S is the pairwise sum
 over a binary tree on the chunk indices, padded to a power of two:
 
@@ -21,7 +22,7 @@ into one :class:`PairwiseSum`, which adds them up the same tree: its S equals th
 bit, for any number of ranks, powers of two or not.
 
 Cost: one K×K addition per chunk, as for a running sum, but up to R + 1 K×K buffers (the stack) instead of
-one: 5 for 16 chunks (1.2 GB for LLaMA-7B's down_proj, K = 11008, in float32).
+one: 5 for 16 chunks (2.4 GB for LLaMA-7B's down_proj, K = 11008, in float32).
 
 Nothing here communicates; :mod:`gptqlab.quantize.distributed.context` moves the nodes between ranks.
 """
