@@ -476,163 +476,129 @@ def quantize_model(
         GPTQ still solved in float32 on the float32 weights. Default (None): the weights' dtype.
     Returns one LayerReport per Linear of the blocks it quantized, in block order (on every rank).
     """
+    batch = batch_size or batch_size_for(model, input_ids.shape[1], input_ids.shape[0], batch_bytes)
+    ctx = ctx or Distributed.single(device)
     with torch_threads(cpu_threads(model, device, threads)):
-        return _quantize_model(
-            model,
-            input_ids,
-            qcfg,
-            method,
-            device,
-            dtype,
-            weights,
-            on_block,
-            progress,
-            start,
-            inputs,
-            act_dtype,
-            batch_size or batch_size_for(model, input_ids.shape[1], input_ids.shape[0], batch_bytes),
-            ctx or Distributed.single(device),
-            compute_dtype,
-        )
-
-
-def _quantize_model(
-    model,
-    input_ids,
-    qcfg,
-    method,
-    device,
-    dtype,
-    weights,
-    on_block,
-    progress,
-    start,
-    inputs,
-    act_dtype,
-    batch,
-    ctx,
-    compute_dtype,
-) -> list[LayerReport]:
-    if method not in METHODS:
-        raise GptqlabError(f"unknown method {method!r}; choose gptq or rtn")
-    device = torch.device(device)
-    act_dtype = act_dtype or dtype
-    arch = arch_for(model)
-    blocks = block_list(model, arch)
-    nsamples = input_ids.shape[0]
-    per_chunk = math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)  # forward batches per Hessian chunk
-    chunk = per_chunk * batch  # samples per chunk
-    num_chunks = math.ceil(nsamples / chunk)
-    if ctx.world > num_chunks:
-        raise ConfigError(
-            f"{ctx.world} ranks but the samples make only {num_chunks} Hessian chunk{'s' * (num_chunks != 1)} of "
-            f"up to {chunk} samples ({batch} per forward batch) to share among them; start fewer ranks (at most "
-            f"{MAX_CHUNKS}), or give more --nsamples or a smaller --batch-size"
-        )
-    mine = ctx.my_samples(nsamples, chunk)  # this rank's chunks: consecutive samples, cut into batches below
-    if start:
-        if (ctx.is_writer and inputs is None) or not 0 < start <= len(blocks):
-            raise ValueError(f"resuming at block {start} of {len(blocks)} needs that block's inputs")
-        inputs = ctx.scatter_inputs(inputs if ctx.is_writer else None, ctx.sample_counts(nsamples, chunk))
-        sizes = sorted({min(batch, mine.stop - j) for j in range(mine.start, mine.stop, batch)})
-        kwargs_by_size = {}
-        for b in sizes:  # the keyword arguments for each batch size, from the first samples
-            kwargs_by_size.update(capture_inputs(model, arch, input_ids[:b], device, b)[1])
-        batches = [
-            torch.cat([x.to(device, act_dtype) for x in inputs[j : j + batch]]) for j in range(0, len(mine), batch)
-        ]
-    else:
-        batches, kwargs_by_size = capture_inputs(model, arch, input_ids[mine.start : mine.stop], device, batch)
-        batches = [x.to(act_dtype) for x in batches]
-    if weights is not None:  # the embeddings and the head are not needed again (7B: 1 GB in float32)
-        _release_outside(model, arch.blocks)
-    reports: list[LayerReport] = []
-    stages = arch.stages if qcfg.true_sequential else (arch.linears,)
-    bar = tqdm(
-        range(start, len(blocks)),
-        desc=f"{method} {qcfg.bits}-bit",
-        unit="block",
-        initial=start,
-        total=len(blocks),
-        disable=not (progress and ctx.is_writer),
-    )
-    for i in bar:
-        t_block = time.perf_counter()
-        timing = BlockTiming(i, batch_size=batch)
-        block = blocks[i]
-        prefix = f"{arch.blocks}.{i}"
-        if weights is not None:
-            materialize(block, prefix, weights, device, dtype)
-        else:
-            block.to(device=device, dtype=dtype)
-        modules = dict(block.named_modules())
-        done: dict[str, QuantizedLinear] = {}
-        for stage in stages:
-            hooks = _StageHessians({n: modules[n] for n in stage}, ctx, num_chunks, stop=True)
-            t0 = time.perf_counter()
-            _collect(block, hooks, stage, batches, kwargs_by_size, compute_dtype, per_chunk)
-            return_free_memory()  # the pass's activations, before the factorizations allocate K x K
-            timing.forward += time.perf_counter() - t0 - hooks.seconds
-            t0 = time.perf_counter()
-            owners = ctx.owners([(modules[n].out_features, modules[n].in_features) for n in stage])
-            hessians = hooks.reduce(stage, owners, prefix)
-            timing.hessian += hooks.seconds + time.perf_counter() - t0
-            solver = _StageSolver(hessians, hooks.owner, qcfg, method, prefix)
-            t0 = time.perf_counter()
-            solved = ctx.solve_stage(
-                owners,
-                [solver.solve(n, modules[n]) for n in stage],
-                [f"{prefix}.{n}" for n in stage],
+        if method not in METHODS:
+            raise GptqlabError(f"unknown method {method!r}; choose gptq or rtn")
+        device = torch.device(device)
+        act_dtype = act_dtype or dtype
+        arch = arch_for(model)
+        blocks = block_list(model, arch)
+        nsamples = input_ids.shape[0]
+        per_chunk = math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)  # forward batches per Hessian chunk
+        chunk = per_chunk * batch  # samples per chunk
+        num_chunks = math.ceil(nsamples / chunk)
+        if ctx.world > num_chunks:
+            raise ConfigError(
+                f"{ctx.world} ranks but the samples make only {num_chunks} Hessian chunk{'s' * (num_chunks != 1)} of "
+                f"up to {chunk} samples ({batch} per forward batch) to share among them; start fewer ranks (at most "
+                f"{MAX_CHUNKS}), or give more --nsamples or a smaller --batch-size"
             )
-            timing.solve += time.perf_counter() - t0
-            for n, outcome in zip(stage, solved, strict=True):
-                lin, res = modules[n], outcome.result
-                lin.weight.data = res.Q.to(device=lin.weight.device, dtype=lin.weight.dtype)
-                bias = None if lin.bias is None else lin.bias.data.detach().to("cpu")
-                loss = res.loss if res.loss is not None else float("nan")
-                report = LayerReport(
-                    f"{prefix}.{n}",
-                    lin.in_features,
-                    lin.out_features,
-                    loss,
-                    outcome.seconds,
-                    res.damp_percent,
+        mine = ctx.my_samples(nsamples, chunk)  # this rank's chunks: consecutive samples, cut into batches below
+        if start:
+            if (ctx.is_writer and inputs is None) or not 0 < start <= len(blocks):
+                raise ValueError(f"resuming at block {start} of {len(blocks)} needs that block's inputs")
+            inputs = ctx.scatter_inputs(inputs if ctx.is_writer else None, ctx.sample_counts(nsamples, chunk))
+            sizes = sorted({min(batch, mine.stop - j) for j in range(mine.start, mine.stop, batch)})
+            kwargs_by_size = {}
+            for b in sizes:  # the keyword arguments for each batch size, from the first samples
+                kwargs_by_size.update(capture_inputs(model, arch, input_ids[:b], device, b)[1])
+            batches = [
+                torch.cat([x.to(device, act_dtype) for x in inputs[j : j + batch]]) for j in range(0, len(mine), batch)
+            ]
+        else:
+            batches, kwargs_by_size = capture_inputs(model, arch, input_ids[mine.start : mine.stop], device, batch)
+            batches = [x.to(act_dtype) for x in batches]
+        if weights is not None:  # the embeddings and the head are not needed again (7B: 1 GB in float32)
+            _release_outside(model, arch.blocks)
+        reports: list[LayerReport] = []
+        stages = arch.stages if qcfg.true_sequential else (arch.linears,)
+        bar = tqdm(
+            range(start, len(blocks)),
+            desc=f"{method} {qcfg.bits}-bit",
+            unit="block",
+            initial=start,
+            total=len(blocks),
+            disable=not (progress and ctx.is_writer),
+        )
+        for i in bar:
+            t_block = time.perf_counter()
+            timing = BlockTiming(i, batch_size=batch)
+            block = blocks[i]
+            prefix = f"{arch.blocks}.{i}"
+            if weights is not None:
+                materialize(block, prefix, weights, device, dtype)
+            else:
+                block.to(device=device, dtype=dtype)
+            modules = dict(block.named_modules())
+            done: dict[str, QuantizedLinear] = {}
+            for stage in stages:
+                hooks = _StageHessians({n: modules[n] for n in stage}, ctx, num_chunks, stop=True)
+                t0 = time.perf_counter()
+                _collect(block, hooks, stage, batches, kwargs_by_size, compute_dtype, per_chunk)
+                return_free_memory()  # the pass's activations, before the factorizations allocate K x K
+                timing.forward += time.perf_counter() - t0 - hooks.seconds
+                t0 = time.perf_counter()
+                owners = ctx.owners([(modules[n].out_features, modules[n].in_features) for n in stage])
+                hessians = hooks.reduce(stage, owners, prefix)
+                timing.hessian += hooks.seconds + time.perf_counter() - t0
+                solver = _StageSolver(hessians, hooks.owner, qcfg, method, prefix)
+                t0 = time.perf_counter()
+                solved = ctx.solve_stage(
+                    owners,
+                    [solver.solve(n, modules[n]) for n in stage],
+                    [f"{prefix}.{n}" for n in stage],
                 )
-                done[n] = QuantizedLinear(_to_host(res), bias, report)
-                reports.append(report)
-            del hooks, hessians, solver, solved
+                timing.solve += time.perf_counter() - t0
+                for n, outcome in zip(stage, solved, strict=True):
+                    lin, res = modules[n], outcome.result
+                    lin.weight.data = res.Q.to(device=lin.weight.device, dtype=lin.weight.dtype)
+                    bias = None if lin.bias is None else lin.bias.data.detach().to("cpu")
+                    loss = res.loss if res.loss is not None else float("nan")
+                    report = LayerReport(
+                        f"{prefix}.{n}",
+                        lin.in_features,
+                        lin.out_features,
+                        loss,
+                        outcome.seconds,
+                        res.damp_percent,
+                    )
+                    done[n] = QuantizedLinear(_to_host(res), bias, report)
+                    reports.append(report)
+                del hooks, hessians, solver, solved
+                return_free_memory()
+            t0 = time.perf_counter()
+            batches = _run_block(block, batches, kwargs_by_size, act_dtype, compute_dtype)
+            timing.forward += time.perf_counter() - t0
+            everything = ctx.gather_inputs(batches)  # rank 0: every rank's batches, in sample order
+            if on_block is not None and ctx.is_writer:
+                on_block(
+                    i,
+                    block,
+                    done,
+                    [x[j : j + 1] for x in everything for j in range(x.shape[0])],
+                )
+            del everything
+            if weights is not None:
+                release(block)
+            else:
+                block.to("cpu")
             return_free_memory()
-        t0 = time.perf_counter()
-        batches = _run_block(block, batches, kwargs_by_size, act_dtype, compute_dtype)
-        timing.forward += time.perf_counter() - t0
-        everything = ctx.gather_inputs(batches)  # rank 0: every rank's batches, in sample order
-        if on_block is not None and ctx.is_writer:
-            on_block(
+            bar.set_postfix(loss=f"{sum(r.loss for r in reports[-len(done) :]):.3g}")
+            timing.total = time.perf_counter() - t_block
+            timing.finished_at = time.time()
+            timing_log.debug(
+                "block %d: %.2f s (forward %.2f, hessians %.2f, solve %.2f; batch %d)",
                 i,
-                block,
-                done,
-                [x[j : j + 1] for x in everything for j in range(x.shape[0])],
+                timing.total,
+                timing.forward,
+                timing.hessian,
+                timing.solve,
+                batch,
+                extra={"block_timing": timing},
             )
-        del everything
-        if weights is not None:
-            release(block)
-        else:
-            block.to("cpu")
-        return_free_memory()
-        bar.set_postfix(loss=f"{sum(r.loss for r in reports[-len(done) :]):.3g}")
-        timing.total = time.perf_counter() - t_block
-        timing.finished_at = time.time()
-        timing_log.debug(
-            "block %d: %.2f s (forward %.2f, hessians %.2f, solve %.2f; batch %d)",
-            i,
-            timing.total,
-            timing.forward,
-            timing.hessian,
-            timing.solve,
-            batch,
-            extra={"block_timing": timing},
-        )
-    return reports
+        return reports
 
 
 def _release_outside(model: nn.Module, blocks: str) -> None:
