@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -138,12 +137,11 @@ def hessian_buffers_gb(nsamples: int, seqlen: int) -> float:
     from types import SimpleNamespace
 
     from gptqlab.quantize.distributed.tree import root_level
-    from gptqlab.quantize.driver import MAX_CHUNKS, batch_size_for
+    from gptqlab.quantize.driver import batch_size_for, hessian_chunks
 
     cfg = SimpleNamespace(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_attention_heads=HEADS)
-    batch = batch_size_for(SimpleNamespace(config=cfg), seqlen, nsamples)
-    chunk = batch * math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)  # samples per chunk, as the driver cuts
-    return max(root_level(math.ceil(nsamples / chunk)) + 1, 2) * INTERMEDIATE**2 * 4 / 1e9
+    _, _, num_chunks = hessian_chunks(nsamples, batch_size_for(SimpleNamespace(config=cfg), seqlen, nsamples))
+    return max(root_level(num_chunks) + 1, 2) * INTERMEDIATE**2 * 4 / 1e9
 
 
 def extrapolate(result: dict, layers: int, nsamples: int, seqlen: int, on_cuda: bool) -> dict:

@@ -230,12 +230,16 @@ def materialize(module: nn.Module, prefix: str, weights: SafetensorsWeights, dev
     weights.unmap()  # the pages just read stop counting toward RSS once their copies are all that is left
 
 
-def release(module: nn.Module) -> None:
-    """Return a module's parameters to the meta device, freeing their memory."""
-    for owner in module.modules():
+def release(module: nn.Module, skip: str = "") -> None:
+    """Return a module's parameters to the meta device, freeing their memory; those of the submodule named
+    ``skip`` (e.g. the decoder blocks) are kept. A parameter shared by two modules (a tied head) stays shared."""
+    meta: dict[int, nn.Parameter] = {}
+    for name, owner in module.named_modules():
+        if skip and (name == skip or name.startswith(skip + ".")):
+            continue
         for leaf, p in list(owner._parameters.items()):
-            if p is not None:
-                owner._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+            if p is not None and p.device.type != "meta":
+                owner._parameters[leaf] = meta.setdefault(id(p), nn.Parameter(p.to("meta"), requires_grad=False))
 
 
 class TorchBinWeights:

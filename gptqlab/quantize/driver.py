@@ -132,8 +132,8 @@ class BlockTiming:
 
 class _StageHessians:
     """Forward hooks on one stage's Linears: one :class:`HessianSum` per distinct input tensor (q/k/v,
-    gate/up share theirs), fed once per forward batch (a chunk of the chunk tree or part of one), and a stop once every
-    Linear of the stage has run in the current forward pass."""
+    gate/up share theirs), fed once per forward batch (a chunk of the chunk tree or part of one), and a stop
+    once every Linear of the stage has run in the current forward pass."""
 
     def __init__(
         self,
@@ -414,6 +414,14 @@ def cpu_threads(model: nn.Module, device: str | torch.device, threads: int | Non
     return threads
 
 
+def hessian_chunks(nsamples: int, batch: int) -> tuple[int, int, int]:
+    """How the samples are cut into the Hessian's chunks: (forward batches per chunk, samples per chunk,
+    number of chunks), as few batches per chunk as keep the chunks at most ``MAX_CHUNKS``."""
+    per_chunk = math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)
+    chunk = per_chunk * batch
+    return per_chunk, chunk, math.ceil(nsamples / chunk)
+
+
 def cpu_compute_dtype(choice: str = "auto") -> torch.dtype:
     """The dtype of the CPU forward passes' matrix products for ``--cpu-compute`` ``choice``: auto gives
     bfloat16 where the CPU has bfloat16 matrix instructions (AMX or AVX512-BF16; a 2048 x 5504 x 4096 product
@@ -486,9 +494,7 @@ def quantize_model(
         arch = arch_for(model)
         blocks = block_list(model, arch)
         nsamples = input_ids.shape[0]
-        per_chunk = math.ceil(math.ceil(nsamples / batch) / MAX_CHUNKS)  # forward batches per Hessian chunk
-        chunk = per_chunk * batch  # samples per chunk
-        num_chunks = math.ceil(nsamples / chunk)
+        per_chunk, chunk, num_chunks = hessian_chunks(nsamples, batch)
         if ctx.world > num_chunks:
             raise ConfigError(
                 f"{ctx.world} ranks but the samples make only {num_chunks} Hessian chunk{'s' * (num_chunks != 1)} of "
@@ -511,7 +517,7 @@ def quantize_model(
             batches, kwargs_by_size = capture_inputs(model, arch, input_ids[mine.start : mine.stop], device, batch)
             batches = [x.to(act_dtype) for x in batches]
         if weights is not None:  # the embeddings and the head are not needed again (7B: 1 GB in float32)
-            _release_outside(model, arch.blocks)
+            release(model, skip=arch.blocks)
         reports: list[LayerReport] = []
         stages = arch.stages if qcfg.true_sequential else (arch.linears,)
         bar = tqdm(
@@ -599,18 +605,6 @@ def quantize_model(
                 extra={"block_timing": timing},
             )
         return reports
-
-
-def _release_outside(model: nn.Module, blocks: str) -> None:
-    """Return every parameter outside the decoder blocks (embeddings, final norm, head) to the meta device;
-    a parameter shared by two modules (a tied head) stays shared. A caller reads them from the weights again."""
-    meta: dict[int, nn.Parameter] = {}
-    for name, module in model.named_modules():
-        if name == blocks or name.startswith(blocks + "."):
-            continue
-        for leaf, p in list(module._parameters.items()):
-            if p is not None and p.device.type != "meta":
-                module._parameters[leaf] = meta.setdefault(id(p), nn.Parameter(p.to("meta"), requires_grad=False))
 
 
 def return_free_memory() -> None:

@@ -167,12 +167,12 @@ def test_bfloat16_forward_passes_change_little(tiny_models):
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
 def test_parameters_outside_the_blocks_are_released_and_ties_kept(tiny_models, arch):
     from gptqlab.arch import arch_for
-    from gptqlab.quantize.driver import _release_outside
+    from gptqlab.modelfiles import release
 
     model = _model(tiny_models, arch)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     blocks = arch_for(model).blocks
-    _release_outside(model, blocks)
+    release(model, skip=blocks)
     for name, p in model.named_parameters(remove_duplicate=False):
         assert (p.device.type == "meta") != name.startswith(blocks + "."), name
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
